@@ -1,0 +1,216 @@
+"""Networks, in plain torch: D4 (p4m) group convolutions, the invariant–equivariant encoder, the decoder.
+
+Group convolutions expand one learned filter bank into its 8 rotated/mirrored copies with a single gather, so
+the graph exported to ONNX is an ordinary Conv stack and is *exactly* equivariant to 90° rotations and mirrors.
+Stride-2 stages keep exactness only on odd sizes (29 -> 15 -> 8), which is why the input is 29x29.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from service.geometry import D4, apply_d4
+
+# ---------------------------------------------------------------- the group D4
+
+N_G = len(D4)  # 8 elements, index i <-> D4[i] = (quarter turns k, mirrored f)
+_IDX = {g: i for i, g in enumerate(D4)}
+
+
+def _mul(g: tuple[int, bool], h: tuple[int, bool]) -> tuple[int, bool]:
+    (k1, f1), (k2, f2) = g, h
+    return ((k1 + (-k2 if f1 else k2)) % 4, f1 ^ f2)
+
+
+def _inv(g: tuple[int, bool]) -> tuple[int, bool]:
+    k, f = g
+    return (k, f) if f else ((-k) % 4, f)
+
+
+def plane_matrix(g: tuple[int, bool]) -> np.ndarray:
+    """ρ(g) on plane vectors (x right, y up): a quarter turn CCW, after a left-right mirror."""
+    k, f = g
+    c, s = [1, 0, -1, 0][k], [0, 1, 0, -1][k]
+    r = np.array([[c, -s], [s, c]], dtype=np.float64)
+    return r @ (np.diag([-1.0, 1.0]) if f else np.eye(2))
+
+
+def lifting_index(shape: tuple[int, ...]) -> torch.Tensor:
+    """Gather index turning W[Co,Ci,s,s] into the expanded bank [Co*8, Ci, s, s] with bank[co*8+h] = h·W[co]."""
+    idx = np.arange(int(np.prod(shape))).reshape(shape)
+    banks = np.stack([apply_d4(idx, k, f) for k, f in D4], axis=1)  # [Co, 8, Ci, s, s]
+    return torch.from_numpy(banks.reshape(shape[0] * N_G, *shape[1:]).copy())
+
+
+def group_index(shape: tuple[int, ...]) -> torch.Tensor:
+    """Gather index turning W[Co,Ci,8,s,s] into [Co*8, Ci*8, s, s] with bank[co,h,ci,h'] = h·W[co,ci,h^-1 h']."""
+    idx = np.arange(int(np.prod(shape))).reshape(shape)
+    banks = []
+    for h in D4:
+        hinv = _inv(h)
+        perm = [_IDX[_mul(hinv, hp)] for hp in D4]
+        banks.append(apply_d4(idx[:, :, perm], *h))  # [Co, Ci, 8, s, s]
+    b = np.stack(banks, axis=1)  # [Co, 8(h), Ci, 8(h'), s, s]
+    co, ci, _, s, _ = shape
+    return torch.from_numpy(b.reshape(co * N_G, ci * N_G, s, s).copy())
+
+
+# ---------------------------------------------------------------- layers
+
+
+class LiftingConv(nn.Module):
+    """Image [N, Ci, H, W] -> regular D4 fields [N, Co*8, H', W']."""
+
+    def __init__(self, c_in: int, c_out: int, size: int, stride: int = 1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, size, size) * math.sqrt(2.0 / (c_in * size * size)))
+        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.register_buffer("index", lifting_index(tuple(self.weight.shape)), persistent=False)
+        self.stride, self.pad = stride, size // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.flatten()[self.index]
+        return F.conv2d(x, w, self.bias.repeat_interleave(N_G), self.stride, self.pad)
+
+
+class GroupConv(nn.Module):
+    """Regular D4 fields [N, Ci*8, H, W] -> [N, Co*8, H', W']."""
+
+    def __init__(self, c_in: int, c_out: int, size: int, stride: int = 1):
+        super().__init__()
+        fan_in = c_in * N_G * size * size
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, N_G, size, size) * math.sqrt(2.0 / fan_in))
+        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.register_buffer("index", group_index(tuple(self.weight.shape)), persistent=False)
+        self.stride, self.pad = stride, size // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.flatten()[self.index]
+        return F.conv2d(x, w, self.bias.repeat_interleave(N_G), self.stride, self.pad)
+
+
+class FieldNorm(nn.Module):
+    """BatchNorm with one statistic per field (shared over the 8 group channels), so it stays equivariant."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.bn = nn.BatchNorm3d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        return self.bn(x.view(n, -1, N_G, h, w)).view(n, -1, h, w)
+
+
+def block(c_in: int, c_out: int, size: int, stride: int, lifting: bool = False) -> nn.Sequential:
+    conv = LiftingConv(c_in, c_out, size, stride) if lifting else GroupConv(c_in, c_out, size, stride)
+    return nn.Sequential(conv, FieldNorm(c_out), nn.ReLU())
+
+
+# ---------------------------------------------------------------- encoder: invariant embedding + equivariant pose
+
+
+class Encoder(nn.Module):
+    """x -> (embedding [N,D] invariant, pose [N,2] = (cos φ, sin φ), reflection logit [N], hypotheses z, w).
+
+    The last group fields are pooled over space, giving F[h] with F_h(g·x) = F_{g^-1 h}(x). Then
+    v = Σ_h F_h ρ(h) e transforms as ρ(g) v; its rotation half z (h in C4) is the pose of an unmirrored input and
+    its mirrored half w gives the pose of a mirrored one (ψ = (φ, 1) has ρ(ψ) e = R_φ M e = -R_φ e, so R_φ e = -w).
+    The reflection logit Σ_{mirrored h} G_h - Σ_{rotations h} G_h is rotation invariant and flips sign under M.
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (8, 16, 32), embed_dim: int = 32, in_channels: int = 1):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.features = nn.Sequential(
+            block(in_channels, c1, 5, 1, lifting=True),  # 29 -> 29
+            block(c1, c2, 3, 2),  # 29 -> 15
+            block(c2, c3, 3, 2),  # 15 -> 8
+            block(c3, c3, 1, 1),  # 8 -> 8, 1x1: mixes fields cheaply
+        )
+        self.pose_fields = nn.Linear(c3, 2)  # shared over h: a 1x1 group conv giving two regular fields
+        self.embed = nn.Sequential(nn.Linear(2 * c3, 64), nn.ReLU(), nn.Linear(64, embed_dim))
+        basis = np.stack([plane_matrix(g) @ np.array([1.0, 0.0]) for g in D4])  # [8, 2]
+        self.register_buffer("basis", torch.tensor(basis, dtype=torch.float32), persistent=False)
+        sign = torch.tensor([1.0 if f else -1.0 for _, f in D4])
+        self.register_buffer("mirror_sign", sign, persistent=False)
+
+    def forward(self, x: torch.Tensor):
+        f = self.features(x)
+        n, _, h, w = f.shape
+        f = f.view(n, -1, N_G, h * w).mean(-1)  # [N, C, 8], spatial pooling keeps the group axis
+        inv = torch.cat([f.mean(-1), f.amax(-1)], dim=1)  # pooling over the orbit: invariant
+        emb = self.embed(inv)
+        fields = self.pose_fields(f.transpose(1, 2))  # [N, 8, 2]
+        z = fields[:, :4, 0] @ self.basis[:4]
+        wv = fields[:, 4:, 0] @ self.basis[4:]
+        logit = (fields[:, :, 1] * self.mirror_sign).sum(-1)
+        pose = torch.where((logit > 0)[:, None], -wv, z)
+        return emb, pose, logit, z, -wv
+
+
+class Decoder(nn.Module):
+    """Invariant embedding -> canonical image (no equivariance needed: the pose puts it back in place)."""
+
+    def __init__(self, embed_dim: int = 32, size: int = 29, channels: int = 1):
+        super().__init__()
+        self.size, self.channels = size, channels
+        self.net = nn.Sequential(
+            nn.Linear(embed_dim, 64 * 8 * 8),
+            nn.ReLU(),
+            nn.Unflatten(1, (64, 8, 8)),
+            nn.ConvTranspose2d(64, 32, 4, 2, 1),  # 16
+            nn.ReLU(),
+            nn.ConvTranspose2d(32, 16, 4, 2, 1),  # 32
+            nn.ReLU(),
+            nn.Conv2d(16, channels, 3, 1, 1),
+        )
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        y = self.net(emb)
+        o = (y.shape[-1] - self.size) // 2
+        return y[..., o : o + self.size, o : o + self.size]
+
+
+class LevelHead(nn.Module):
+    """Invariant by construction: reads only the invariant embedding. -> [N, 2] = (width in degrees, reflection rate)."""
+
+    def __init__(self, embed_dim: int = 32, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        y = self.net(emb)
+        return torch.stack([180.0 * torch.sigmoid(y[:, 0]), torch.sigmoid(y[:, 1])], dim=1)
+
+
+class Bundle(nn.Module):
+    """What is exported: encoder + level head (+ optional class head). Outputs follow manifest.OutputNames."""
+
+    def __init__(self, encoder: Encoder, level: LevelHead, class_head: nn.Module | None = None):
+        super().__init__()
+        self.encoder, self.level, self.class_head = encoder, level, class_head
+
+    def forward(self, x: torch.Tensor):
+        emb, pose, logit, _, _ = self.encoder(x)
+        outs = (pose, logit, emb, self.level(emb))
+        return outs + (self.class_head(emb),) if self.class_head is not None else outs
+
+
+# ---------------------------------------------------------------- differentiable image rotation (training only)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate images [N,C,H,W] counter-clockwise (as displayed) about the centre by the angle (cos, sin)."""
+    # affine_grid maps output coords to input coords, with y pointing down the rows: sample at R_{-φ} p.
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], -1), torch.stack([sin, cos, torch.zeros_like(cos)], -1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def mirror(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1)

@@ -1,0 +1,208 @@
+"""Learn per-input pose ψ(x) and symmetry level Θ(x) from unlabelled images. Reads top to bottom:
+
+  1. data      upright sources + a symmetry spec; poses are drawn afresh every step (infinite augmented stream)
+  2. autoencoder  invariant embedding + equivariant pose; reconstruct x from the embedding, put back by the pose,
+                  with a small L1 pull of the pose toward the identity that centres every orbit at 0
+  3. pseudo-labels  spread of poses among each input's k nearest neighbours in the embedding (chunked, O(N·k))
+  4. level head     invariant MLP on the embedding regresses (width, reflection rate)
+  5. group head     classes when the data has labels (only for per-class views), else k-means clusters
+Labels, when present, are never used by steps 2-4. Export and calibration live in models/export.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.datasets import Source, load_source, load_spec, repeat, sample
+from models.networks import Decoder, Encoder, LevelHead, mirror, rotate
+from models.pseudolabels import knn_pseudo_labels
+from service.manifest import DatasetSpec
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "mnist-multiple-flip"  # built-in spec name, spec YAML path, or image folder
+    out: str = "runs"  # checkpoints go to out/<dataset name>/
+    steps: int = 1500  # autoencoder steps
+    batch: int = 128
+    lr: float = 2e-3
+    pose_prior: float = 0.01  # weight of the L1 pull of the pose toward the identity
+    pose_prior_start: float = 0.01  # annealed linearly to pose_prior over the first 30% of steps
+    warmup: float = 0.1  # fraction of steps spent warming up the learning rate
+    reflection_prior: float = 0.01  # same, for the reflection probability
+    channels: tuple[int, int, int] = (8, 16, 32)
+    embed_dim: int = 32
+    knn: int = 32
+    level_steps: int = 2000
+    clusters: int = 10  # groups for the per-group view when the data has no labels
+    seed: int = 0
+    threads: int = 0  # 0: all cores
+    checkpoint_every: int = 250
+    extra: dict = field(default_factory=dict)
+
+
+def train(cfg: TrainConfig, resume: bool = True) -> Path:
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+
+    # ------------------------------------------------------------------ 1. data
+    spec: DatasetSpec = load_spec(cfg.dataset)
+    src: Source = load_source(spec)
+    run_dir = Path(cfg.out) / spec.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(spec.seed)
+    print(f"[train] {spec.name}: {len(src.train.images)} train / {len(src.calib.images)} calib / {len(src.test.images)} test sources")
+
+    # ------------------------------------------------------------------ 2. autoencoder
+    enc = Encoder(cfg.channels, cfg.embed_dim, src.input.channels)
+    dec = Decoder(cfg.embed_dim, src.input.size, src.input.channels)
+    params = list(enc.parameters()) + list(dec.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=cfg.warmup)
+    step = 0
+    ckpt_path = run_dir / "ckpt.pt"
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck.get("config", {}).get("steps") == cfg.steps:
+            enc.load_state_dict(ck["encoder"]), dec.load_state_dict(ck["decoder"])
+            opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"])
+            step, gen = ck["step"], _gen_from(ck["gen"])
+            print(f"[train] resumed at step {step}")
+
+    def save(stage: str, **extra):
+        state = dict(config=asdict(cfg), spec=spec.model_dump(), encoder=enc.state_dict(), decoder=dec.state_dict(),
+                     opt=opt.state_dict(), sched=sched.state_dict(), step=step, gen=gen.get_state(), stage=stage, **extra)
+        torch.save(state, ckpt_path.with_suffix(".tmp"))
+        ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # atomic: a killed run never leaves a torn checkpoint
+
+    enc.train(), dec.train()
+    n_train = len(src.train.images)
+    bar = tqdm(total=cfg.steps, initial=step, desc="autoencoder", dynamic_ncols=True)
+    while step < cfg.steps:
+        idx = torch.randint(0, n_train, (cfg.batch,), generator=gen)
+        batch = type(src.train)(src.train.images[idx], src.train.labels[idx])
+        x, _, _ = sample(spec, batch, src.classes, gen)
+        prior = cfg.pose_prior_start + (cfg.pose_prior - cfg.pose_prior_start) * min(1.0, step / (0.3 * cfg.steps))
+        loss, parts = autoencoder_loss(enc, dec, x, cfg, prior)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        if step % 25 == 0:
+            bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save("autoencoder")
+    bar.close()
+    enc.eval()
+
+    # ------------------------------------------------------------------ 3. pseudo-labels from neighbours
+    family = spec.default.rotation if not spec.classes else next(iter(spec.classes.values())).rotation
+    pool = repeat(src.train, spec.copies if spec.augment else 1)
+    x_pool, true_angle, true_mirror = sample(spec, pool, src.classes, gen)
+    emb, angle, logit = embed_all(enc, x_pool)
+    labels, mask = knn_pseudo_labels(emb, angle, logit, k=cfg.knn, family=family)
+    print(f"[train] pseudo-labels on {len(emb)} inputs, {int(mask.sum())} kept ({(~mask).sum()} outliers masked)")
+
+    # ------------------------------------------------------------------ 4. level head (invariant: reads the embedding)
+    level = LevelHead(cfg.embed_dim)
+    fit_head(level, emb[mask], labels[mask], cfg.level_steps, loss_fn=_level_loss, desc="level head")
+
+    # ------------------------------------------------------------------ 5. group head: classes if labelled, else clusters
+    class_head, centroids = None, None
+    if src.classes is not None and (pool.labels >= 0).all():
+        class_head = nn.Linear(cfg.embed_dim, len(src.classes))
+        fit_head(class_head, emb, pool.labels, cfg.level_steps, loss_fn=F.cross_entropy, desc="class head")
+    else:
+        from sklearn.cluster import KMeans
+
+        k = min(cfg.clusters, len(emb))
+        centroids = KMeans(n_clusters=k, n_init=4, random_state=cfg.seed).fit(emb.numpy()).cluster_centers_.tolist()
+
+    save("done", level=level.state_dict(), class_head=None if class_head is None else class_head.state_dict(),
+         centroids=centroids, classes=src.classes, family=family, input=src.input.model_dump(),
+         train_seconds=time.time() - t0)
+    print(f"[train] done in {time.time() - t0:.0f}s -> {ckpt_path}")
+    return ckpt_path
+
+
+def autoencoder_loss(enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConfig, pose_prior: float):
+    """Reconstruct x from the canonical decoding under both pose hypotheses, weighted by P(mirrored)."""
+    emb, _, logit, z, w = enc(x)
+    canon = dec(emb)
+    zu = z / (z.norm(dim=1, keepdim=True) + 1e-6)  # pose if not mirrored: x = R_φ c
+    wu = w / (w.norm(dim=1, keepdim=True) + 1e-6)  # pose if mirrored:    x = R_φ M c
+    rec0 = ((rotate(canon, zu[:, 0], zu[:, 1]) - x) ** 2).flatten(1).mean(1)
+    rec1 = ((rotate(mirror(canon), wu[:, 0], wu[:, 1]) - x) ** 2).flatten(1).mean(1)
+    p = torch.sigmoid(logit)
+    recon = ((1 - p) * rec0 + p * rec1).mean()
+    # L1 pull toward the identity: |cos φ - 1| + |sin φ| of the pose each hypothesis would report
+    pull = ((1 - p) * ((1 - zu[:, 0]).abs() + zu[:, 1].abs()) + p * ((1 - wu[:, 0]).abs() + wu[:, 1].abs())).mean()
+    loss = recon + pose_prior * pull + cfg.reflection_prior * p.mean()
+    return loss, {"recon": recon.item(), "pull": pull.item(), "p_mirror": p.mean().item()}
+
+
+@torch.no_grad()
+def embed_all(enc: Encoder, x: torch.Tensor, batch: int = 512):
+    """-> embedding [N,D], pose angle in degrees [N], reflection logit [N]."""
+    embs, angles, logits = [], [], []
+    for i in range(0, len(x), batch):
+        e, pose, logit, _, _ = enc(x[i : i + batch])
+        embs.append(e), angles.append(torch.rad2deg(torch.atan2(pose[:, 1], pose[:, 0]))), logits.append(logit)
+    return torch.cat(embs), torch.cat(angles), torch.cat(logits)
+
+
+def _level_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # width in degrees and reflection rate in [0,1]: scale the rate so both matter
+    return F.smooth_l1_loss(pred[:, 0], target[:, 0], beta=2.0) + 90.0 * F.l1_loss(pred[:, 1], target[:, 1])
+
+
+def fit_head(head: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, loss_fn, desc: str, batch: int = 256):
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(0)
+    head.train()
+    for _ in tqdm(range(steps), desc=desc, dynamic_ncols=True, mininterval=1.0):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        loss = loss_fn(head(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    head.eval()
+
+
+def _gen_from(state: torch.Tensor) -> torch.Generator:
+    g = torch.Generator()
+    g.set_state(state)
+    return g
+
+
+def load_checkpoint(path: Path):
+    """-> (encoder, level head, class head or None, checkpoint dict) from a finished run."""
+    ck = torch.load(path, weights_only=False)
+    if ck.get("stage") != "done":
+        raise RuntimeError(f"{path} is an unfinished run (stage {ck.get('stage')!r}); run `symguard train` again to resume")
+    cfg = ck["config"]
+    enc = Encoder(tuple(cfg["channels"]), cfg["embed_dim"], ck["input"]["channels"])
+    enc.load_state_dict(ck["encoder"])
+    level = LevelHead(cfg["embed_dim"])
+    level.load_state_dict(ck["level"])
+    head = None
+    if ck["class_head"] is not None:
+        head = nn.Linear(cfg["embed_dim"], len(ck["classes"]))
+        head.load_state_dict(ck["class_head"])
+    return enc.eval(), level.eval(), None if head is None else head.eval(), ck
+

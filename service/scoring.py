@@ -1,0 +1,236 @@
+"""Score graph outputs against the learned level Θ(x) and the bundle's calibration.
+
+Two nonconformity scores per image, each compared with held-out in-distribution scores of its group:
+    rotation   s_rot = |φ| / max(Θ(x), min_level)        (how far past the learned half-width)
+    reflection s_ref = P(reflected) * (1 - reflection level)   (a flip where flips are rare)
+Each gets a conformal p-value; the family-wise verdict splits α between the two (Bonferroni),
+so the false-alarm rate on in-distribution data stays at or just under α.
+This module is the single implementation: the server, `symguard score` and `symguard eval` all call it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel
+
+from service.manifest import Calibration, GroupCalibration, Manifest
+
+
+@dataclass(frozen=True)
+class GraphOutputs:
+    """Raw outputs of one session.run, rows aligned with the input batch."""
+
+    pose: np.ndarray  # [N, 2]
+    reflection_logit: np.ndarray  # [N]
+    embedding: np.ndarray  # [N, D]
+    level: np.ndarray  # [N, 2]
+    class_logits: np.ndarray | None = None  # [N, K]
+
+    def __len__(self) -> int:
+        return len(self.reflection_logit)
+
+    def rows(self, start: int, stop: int) -> GraphOutputs:
+        cl = None if self.class_logits is None else self.class_logits[start:stop]
+        return GraphOutputs(
+            self.pose[start:stop], self.reflection_logit[start:stop], self.embedding[start:stop], self.level[start:stop], cl
+        )
+
+    @staticmethod
+    def concat(parts: list[GraphOutputs]) -> GraphOutputs:
+        cl = None if parts[0].class_logits is None else np.concatenate([p.class_logits for p in parts])
+        return GraphOutputs(
+            np.concatenate([p.pose for p in parts]),
+            np.concatenate([p.reflection_logit for p in parts]),
+            np.concatenate([p.embedding for p in parts]),
+            np.concatenate([p.level for p in parts]),
+            cl,
+        )
+
+
+Verdict = Literal["in", "ood"]
+Reason = Literal["rotation", "reflection", "both"]
+
+
+class ImageScore(BaseModel):
+    angle_deg: float
+    reflected: bool
+    reflected_probability: float
+    rotation_level_deg: float
+    reflection_level: float
+    score: float  # max of the two scores over their calibrated thresholds: > 1 means OOD
+    rotation_score: float
+    reflection_score: float
+    p_value: float
+    verdict: Verdict
+    reason: Reason | None
+    group: str  # the calibration group: class name or cluster id
+    class_name: str | None = None
+    hard_rule_ood: bool  # the anchor's baseline, |φ| > Θ (or a flip where Θ says flips are rare)
+    model: str
+    version: int
+
+
+# ---------------------------------------------------------------- calibration (used by models/ at export)
+
+
+def conformal_threshold(scores: np.ndarray, alpha: float) -> float:
+    """The ceil((n+1)(1-α))-th smallest score; +inf when there are too few scores to certify α."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    k = math.ceil((len(s) + 1) * (1.0 - alpha))
+    return float(s[k - 1]) if 1 <= k <= len(s) else math.inf
+
+
+def p_values(sorted_cal: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Conformal p = (1 + #{cal >= s}) / (n + 1), vectorised over s."""
+    n = len(sorted_cal)
+    ge = n - np.searchsorted(sorted_cal, s, side="left")
+    return (1.0 + ge) / (n + 1.0)
+
+
+def nonconformity(out: GraphOutputs, min_level_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """-> angle (deg), P(reflected), rotation score, reflection score."""
+    angle = np.degrees(np.arctan2(out.pose[:, 1], out.pose[:, 0]))
+    p_refl = 1.0 / (1.0 + np.exp(-np.clip(out.reflection_logit.astype(np.float64), -60, 60)))
+    width = np.maximum(out.level[:, 0], min_level_deg)
+    refl_level = np.clip(out.level[:, 1], 0.0, 1.0)
+    return angle, p_refl, np.abs(angle) / width, p_refl * (1.0 - refl_level)
+
+
+def assign_groups(out: GraphOutputs, cal: Calibration, classes: list[str] | None) -> np.ndarray:
+    """Index into cal.groups for every row."""
+    n = len(out)
+    if cal.group_by == "class" and out.class_logits is not None:
+        return np.argmax(out.class_logits, axis=1)
+    if cal.group_by == "cluster" and cal.centroids:
+        c = np.asarray(cal.centroids, dtype=np.float32)
+        d = ((out.embedding[:, None, :] - c[None]) ** 2).sum(-1)
+        return np.argmin(d, axis=1)
+    return np.zeros(n, dtype=np.int64)
+
+
+def calibrate_groups(
+    names: list[str], group_idx: np.ndarray, s_rot: np.ndarray, s_ref: np.ndarray, alpha: float, max_keep: int = 2000
+) -> list[GroupCalibration]:
+    """Per-group conformal thresholds at α/2 each. Groups too small to certify α/2 borrow the pooled scores."""
+    half = alpha / 2.0
+    groups = []
+    for gi, name in enumerate(names):
+        sel = group_idx == gi
+        rot, ref = (s_rot[sel], s_ref[sel]) if sel.sum() >= math.ceil(1.0 / half) else (s_rot, s_ref)
+        keep = lambda a: np.sort(a)[np.linspace(0, len(a) - 1, min(len(a), max_keep)).round().astype(int)]  # noqa: E731
+        groups.append(
+            GroupCalibration(
+                name=name,
+                rotation_scores=[round(float(v), 5) for v in keep(rot)],
+                reflection_scores=[round(float(v), 5) for v in keep(ref)],
+                rotation_threshold=conformal_threshold(rot, half),
+                reflection_threshold=conformal_threshold(ref, half),
+            )
+        )
+    return groups
+
+
+# ---------------------------------------------------------------- scoring (used by the server and eval)
+
+
+@dataclass(frozen=True)
+class ScoreArrays:
+    """Vectorised scores for a batch; eval reads these, the server turns them into ImageScore rows."""
+
+    angle_deg: np.ndarray
+    p_reflected: np.ndarray
+    rotation_level: np.ndarray
+    reflection_level: np.ndarray
+    rotation_score: np.ndarray
+    reflection_score: np.ndarray
+    rotation_ratio: np.ndarray  # s / threshold
+    reflection_ratio: np.ndarray
+    p_value: np.ndarray
+    ood_rotation: np.ndarray
+    ood_reflection: np.ndarray
+    hard_rule_ood: np.ndarray
+    group: np.ndarray
+
+    @property
+    def ood(self) -> np.ndarray:
+        return self.ood_rotation | self.ood_reflection
+
+    @property
+    def score(self) -> np.ndarray:
+        return np.maximum(self.rotation_ratio, self.reflection_ratio)
+
+
+def score_arrays(out: GraphOutputs, manifest: Manifest) -> ScoreArrays:
+    cal = manifest.calibration
+    angle, p_refl, s_rot, s_ref = nonconformity(out, cal.min_level_deg)
+    if not manifest.group.reflections:
+        s_ref = np.zeros_like(s_ref)
+    gidx = assign_groups(out, cal, manifest.classes)
+    n = len(out)
+    p_rot, p_ref = np.ones(n), np.ones(n)
+    t_rot, t_ref = np.empty(n), np.empty(n)
+    for gi, g in enumerate(cal.groups):
+        sel = gidx == gi
+        if not sel.any():
+            continue
+        p_rot[sel] = p_values(np.asarray(g.rotation_scores), s_rot[sel])
+        p_ref[sel] = p_values(np.asarray(g.reflection_scores), s_ref[sel])
+        t_rot[sel], t_ref[sel] = g.rotation_threshold, g.reflection_threshold
+    ratio_rot = s_rot / np.maximum(t_rot, 1e-9)
+    ratio_ref = s_ref / np.maximum(t_ref, 1e-9) if manifest.group.reflections else np.zeros(n)
+    p = np.minimum(1.0, 2.0 * np.minimum(p_rot, p_ref)) if manifest.group.reflections else p_rot
+    width = out.level[:, 0]
+    refl_level = np.clip(out.level[:, 1], 0.0, 1.0)
+    hard = (np.abs(angle) > width) | ((p_refl > 0.5) & (refl_level < 0.5) & manifest.group.reflections)
+    return ScoreArrays(
+        angle_deg=angle,
+        p_reflected=p_refl,
+        rotation_level=width,
+        reflection_level=refl_level,
+        rotation_score=s_rot,
+        reflection_score=s_ref,
+        rotation_ratio=ratio_rot,
+        reflection_ratio=ratio_ref,
+        p_value=p,
+        ood_rotation=ratio_rot > 1.0,
+        ood_reflection=ratio_ref > 1.0,
+        hard_rule_ood=hard,
+        group=gidx,
+    )
+
+
+def score_rows(out: GraphOutputs, manifest: Manifest) -> list[ImageScore]:
+    a = score_arrays(out, manifest)
+    names = [g.name for g in manifest.calibration.groups]
+    rows = []
+    for i in range(len(out)):
+        rot, ref = bool(a.ood_rotation[i]), bool(a.ood_reflection[i])
+        reason: Reason | None = "both" if rot and ref else "rotation" if rot else "reflection" if ref else None
+        cls = None
+        if manifest.classes and out.class_logits is not None:
+            cls = manifest.classes[int(np.argmax(out.class_logits[i]))]
+        rows.append(
+            ImageScore(
+                angle_deg=round(float(a.angle_deg[i]), 3),
+                reflected=bool(a.p_reflected[i] > 0.5),
+                reflected_probability=round(float(a.p_reflected[i]), 5),
+                rotation_level_deg=round(float(a.rotation_level[i]), 3),
+                reflection_level=round(float(a.reflection_level[i]), 5),
+                score=round(float(a.score[i]), 5),
+                rotation_score=round(float(a.rotation_score[i]), 5),
+                reflection_score=round(float(a.reflection_score[i]), 5),
+                p_value=round(float(a.p_value[i]), 6),
+                verdict="ood" if (rot or ref) else "in",
+                reason=reason,
+                group=names[int(a.group[i])],
+                class_name=cls,
+                hard_rule_ood=bool(a.hard_rule_ood[i]),
+                model=manifest.name,
+                version=manifest.version,
+            )
+        )
+    return rows
