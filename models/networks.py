@@ -115,12 +115,14 @@ def block(c_in: int, c_out: int, size: int, stride: int, lifting: bool = False) 
 
 
 class Encoder(nn.Module):
-    """x -> (embedding [N,D] invariant, pose [N,2] = (cos φ, sin φ), reflection logit [N], hypotheses z, w).
+    """x -> (embedding [N,D] invariant, pose [N,2] = (cos φ, sin φ), reflection logit [N], hypotheses z, w, D4 logits).
 
-    The last group fields are pooled over space, giving F[h] with F_h(g·x) = F_{g^-1 h}(x). Then
-    v = Σ_h F_h ρ(h) e transforms as ρ(g) v; its rotation half z (h in C4) is the pose of an unmirrored input and
+    The last group fields are pooled over space and mixed into one regular field: 8 logits with
+    l_h(g·x) = l_{g^-1 h}(x), so p = softmax(l) is a distribution over D4 that moves with the input. Then
+    v = Σ_h p_h ρ(h) e transforms as ρ(g) v; its rotation half z (h in C4) is the pose of an unmirrored input and
     its mirrored half w gives the pose of a mirrored one (ψ = (φ, 1) has ρ(ψ) e = R_φ M e = -R_φ e, so R_φ e = -w).
-    The reflection logit Σ_{mirrored h} G_h - Σ_{rotations h} G_h is rotation invariant and flips sign under M.
+    The reflection logit log P(mirrored) - log P(not) is rotation invariant and flips sign under M.
+    Between the 90° steps the angle is continuous: the softmax weights of neighbouring quarter turns interpolate.
     """
 
     def __init__(self, channels: tuple[int, ...] = (8, 16, 32), embed_dim: int = 32, in_channels: int = 1):
@@ -132,12 +134,10 @@ class Encoder(nn.Module):
             block(c2, c3, 3, 2),  # 15 -> 8
             block(c3, c3, 1, 1),  # 8 -> 8, 1x1: mixes fields cheaply
         )
-        self.pose_fields = nn.Linear(c3, 2)  # shared over h: a 1x1 group conv giving two regular fields
+        self.pose_field = nn.Linear(c3, 1)  # shared over h: a 1x1 group conv giving one regular field
         self.embed = nn.Sequential(nn.Linear(2 * c3, 64), nn.ReLU(), nn.Linear(64, embed_dim))
         basis = np.stack([plane_matrix(g) @ np.array([1.0, 0.0]) for g in D4])  # [8, 2]
         self.register_buffer("basis", torch.tensor(basis, dtype=torch.float32), persistent=False)
-        sign = torch.tensor([1.0 if f else -1.0 for _, f in D4])
-        self.register_buffer("mirror_sign", sign, persistent=False)
 
     def forward(self, x: torch.Tensor):
         f = self.features(x)
@@ -145,12 +145,13 @@ class Encoder(nn.Module):
         f = f.view(n, -1, N_G, h * w).mean(-1)  # [N, C, 8], spatial pooling keeps the group axis
         inv = torch.cat([f.mean(-1), f.amax(-1)], dim=1)  # pooling over the orbit: invariant
         emb = self.embed(inv)
-        fields = self.pose_fields(f.transpose(1, 2))  # [N, 8, 2]
-        z = fields[:, :4, 0] @ self.basis[:4]
-        wv = fields[:, 4:, 0] @ self.basis[4:]
-        logit = (fields[:, :, 1] * self.mirror_sign).sum(-1)
+        logits = self.pose_field(f.transpose(1, 2))[..., 0]  # [N, 8]
+        p = torch.softmax(logits, dim=1)
+        z = p[:, :4] @ self.basis[:4]
+        wv = p[:, 4:] @ self.basis[4:]
+        logit = torch.logsumexp(logits[:, 4:], dim=1) - torch.logsumexp(logits[:, :4], dim=1)
         pose = torch.where((logit > 0)[:, None], -wv, z)
-        return emb, pose, logit, z, -wv
+        return emb, pose, logit, z, -wv, logits
 
 
 class Decoder(nn.Module):
@@ -196,7 +197,7 @@ class Bundle(nn.Module):
         self.encoder, self.level, self.class_head = encoder, level, class_head
 
     def forward(self, x: torch.Tensor):
-        emb, pose, logit, _, _ = self.encoder(x)
+        emb, pose, logit, *_ = self.encoder(x)
         outs = (pose, logit, emb, self.level(emb))
         return outs + (self.class_head(emb),) if self.class_head is not None else outs
 

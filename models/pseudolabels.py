@@ -39,14 +39,14 @@ def knn_pseudo_labels(
     """-> (labels [N,2] = (width in degrees, reflection rate), mask [N] of inputs to train on).
 
     Outliers are masked, not zeroed: a neighbour whose |ψ| sits far above the rest of its neighbourhood (robust
-    median + 3·MAD rule) is left out of that average, and an input whose neighbourhood is unusually far away in the
+    median + 5·MAD rule) is left out of that average, and an input whose neighbourhood is unusually far away in the
     embedding (top 1 - outlier_quantile of mean distance) gets no label at all rather than a wrong one.
     """
     idx, dist = knn(emb, k)
     a = angle_deg.abs()[idx]  # [N, k]
     med = a.median(dim=1, keepdim=True).values
     mad = (a - med).abs().median(dim=1, keepdim=True).values
-    keep = (a <= med + 3.0 * mad + 1.0).float()
+    keep = (a <= med + 5.0 * mad + 1.0).float()
     width = level_from_angles(a, keep, family).clamp(0.0, 180.0)
     rate = (reflection_logit[idx] > 0).float().mean(1)
     spread = dist[:, 1:].mean(1) if dist.shape[1] > 1 else dist[:, 0]

@@ -34,10 +34,9 @@ class TrainConfig:
     steps: int = 1500  # autoencoder steps
     batch: int = 128
     lr: float = 2e-3
-    pose_prior: float = 0.01  # weight of the L1 pull of the pose toward the identity
-    pose_prior_start: float = 0.01  # annealed linearly to pose_prior over the first 30% of steps
+    pose_prior: float = 0.02  # weight of the pull of the pose toward the identity
+    pose_prior_start: float = 0.3  # annealed linearly to pose_prior over the first 30% of steps
     warmup: float = 0.1  # fraction of steps spent warming up the learning rate
-    reflection_prior: float = 0.01  # same, for the reflection probability
     channels: tuple[int, int, int] = (8, 16, 32)
     embed_dim: int = 32
     knn: int = 32
@@ -140,7 +139,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
 
 def autoencoder_loss(enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConfig, pose_prior: float):
     """Reconstruct x from the canonical decoding under both pose hypotheses, weighted by P(mirrored)."""
-    emb, _, logit, z, w = enc(x)
+    emb, _, logit, z, w, logits = enc(x)
     canon = dec(emb)
     zu = z / (z.norm(dim=1, keepdim=True) + 1e-6)  # pose if not mirrored: x = R_φ c
     wu = w / (w.norm(dim=1, keepdim=True) + 1e-6)  # pose if mirrored:    x = R_φ M c
@@ -148,9 +147,10 @@ def autoencoder_loss(enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConf
     rec1 = ((rotate(mirror(canon), wu[:, 0], wu[:, 1]) - x) ** 2).flatten(1).mean(1)
     p = torch.sigmoid(logit)
     recon = ((1 - p) * rec0 + p * rec1).mean()
-    # L1 pull toward the identity: |cos φ - 1| + |sin φ| of the pose each hypothesis would report
-    pull = ((1 - p) * ((1 - zu[:, 0]).abs() + zu[:, 1].abs()) + p * ((1 - wu[:, 0]).abs() + wu[:, 1].abs())).mean()
-    loss = recon + pose_prior * pull + cfg.reflection_prior * p.mean()
+    # the pull toward the identity: cross-entropy of the D4 distribution toward the identity element. It is what
+    # centres each orbit's poses at 0 (and keeps "unmirrored" the common case); without it |ψ| means nothing.
+    pull = F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long))
+    loss = recon + pose_prior * pull
     return loss, {"recon": recon.item(), "pull": pull.item(), "p_mirror": p.mean().item()}
 
 
@@ -159,7 +159,7 @@ def embed_all(enc: Encoder, x: torch.Tensor, batch: int = 512):
     """-> embedding [N,D], pose angle in degrees [N], reflection logit [N]."""
     embs, angles, logits = [], [], []
     for i in range(0, len(x), batch):
-        e, pose, logit, _, _ = enc(x[i : i + batch])
+        e, pose, logit, *_ = enc(x[i : i + batch])
         embs.append(e), angles.append(torch.rad2deg(torch.atan2(pose[:, 1], pose[:, 0]))), logits.append(logit)
     return torch.cat(embs), torch.cat(angles), torch.cat(logits)
 

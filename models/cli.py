@@ -1,0 +1,120 @@
+"""Training-side subcommands of `symguard`: train, export, eval, standardize. Imported lazily by service/cli.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPOSITORY = Path(__file__).parent / "repository"
+DEFAULT_MODEL = "mnist-multiple-flip"
+
+
+def newest_bundle(repo: Path, name: str) -> Path:
+    versions = sorted((int(p.name) for p in (repo / name).iterdir() if p.name.isdigit()), reverse=True)
+    if not versions:
+        raise FileNotFoundError(f"no versions of {name!r} under {repo}")
+    return repo / name / str(versions[0])
+
+
+def resolve_bundle(ref: str | None) -> Path:
+    """None -> the shipped default; a folder with manifest.json; or NAME[:VERSION] in the default repository."""
+    if ref is None:
+        return newest_bundle(REPOSITORY, DEFAULT_MODEL)
+    p = Path(ref)
+    if (p / "manifest.json").is_file():
+        return p
+    name, _, version = ref.partition(":")
+    return REPOSITORY / name / version if version else newest_bundle(REPOSITORY, name)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from models.export import export_run
+    from models.train import TrainConfig, train
+
+    cfg = TrainConfig(dataset=a.dataset, out=a.out, steps=a.steps, seed=a.seed, threads=a.threads)
+    ckpt = train(cfg, resume=not a.fresh)
+    if a.no_export:
+        print(ckpt)
+        return 0
+    bundle = export_run(ckpt, Path(a.repo), name=a.name, alpha=a.alpha)
+    print(f"[export] wrote {bundle}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from models.export import export_run
+
+    print(export_run(Path(a.checkpoint), Path(a.repo), name=a.name, version=a.version, alpha=a.alpha))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from models.eval import dump, evaluate_path
+
+    bundle = resolve_bundle(a.bundle)
+    out = Path(a.out) if a.out else Path("runs") / "eval" / f"{bundle.parent.name}-{bundle.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    report = evaluate_path(bundle, dataset=a.dataset, seed=a.seed, plot=out / "levels.png")
+    (out / "eval.json").write_text(dump(report) + "\n")
+    (out / "eval.txt").write_text(report.table() + "\n")
+    print(dump(report) if a.json else report.table() + f"\n\n  wrote {out}/eval.json, eval.txt, levels.png")
+    return 0
+
+
+def cmd_standardize(a: argparse.Namespace) -> int:
+    from models.standardize import standardize
+
+    n = standardize(Path(a.src), Path(a.dst), resolve_bundle(a.bundle))
+    print(f"[standardize] wrote {n} canonical images to {a.dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="symguard", description="Learn and evaluate per-input symmetry levels.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="learn pose and symmetry level from a dataset spec or an image folder, then export a bundle")
+    t.add_argument("dataset", nargs="?", default=DEFAULT_MODEL, help="built-in spec (models/specs/*.yaml), a spec YAML, or an image folder")
+    t.add_argument("--steps", type=int, default=1500, help="autoencoder steps")
+    t.add_argument("--out", default="runs", help="checkpoint folder (resumable)")
+    t.add_argument("--repo", default=str(REPOSITORY), help="model repository to export into")
+    t.add_argument("--name", default=None, help="bundle name (default: the dataset name)")
+    t.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate to calibrate for")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--no-export", action="store_true", help="stop after training")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("export", help="export a finished training run as a new bundle version")
+    e.add_argument("checkpoint")
+    e.add_argument("--repo", default=str(REPOSITORY))
+    e.add_argument("--name", default=None)
+    e.add_argument("--version", type=int, default=None)
+    e.add_argument("--alpha", type=float, default=0.01)
+    e.set_defaults(fn=cmd_export)
+
+    v = sub.add_parser("eval", help="evaluate a bundle (default: the shipped one) on held-out test digits")
+    v.add_argument("bundle", nargs="?", default=None, help="bundle folder or NAME[:VERSION]")
+    v.add_argument("--dataset", default=None, help="evaluate against another spec than the bundle's own")
+    v.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    v.add_argument("--out", default=None, help="where eval.json, eval.txt and levels.png go")
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("standardize", help="write de-rotated, de-mirrored copies of a folder of images")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--bundle", default=None)
+    s.set_defaults(fn=cmd_standardize)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Equivariance is tested, not assumed: every layer, numerically, on random inputs (as escnn's tests do)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.networks import D4, N_G, Encoder, GroupConv, LiftingConv, _IDX, _inv, _mul, plane_matrix, rotate
+from service.geometry import apply_d4, compose
+
+
+def _regular_act(y: torch.Tensor, g) -> torch.Tensor:
+    """g acting on regular fields [N, C*8, H, W]: move space by g and permute the group axis by h -> g h."""
+    n, c8, h, w = y.shape
+    y = y.view(n, c8 // N_G, N_G, h, w)
+    out = torch.empty_like(y)
+    for i, hh in enumerate(D4):
+        out[:, :, _IDX[_mul(g, hh)]] = y[:, :, i]
+    return torch.from_numpy(apply_d4(out.numpy(), *g)).view(n, c8, h, w)
+
+
+def test_group_law_matches_image_action():
+    x = np.arange(49.0).reshape(7, 7)
+    for g in D4:
+        for h in D4:
+            lhs = apply_d4(apply_d4(x, *h), *g)
+            assert np.array_equal(lhs, apply_d4(x, *_mul(g, h)))
+        assert np.array_equal(apply_d4(apply_d4(x, *g), *_inv(g)), x)
+
+
+def test_plane_matrix_matches_pixel_motion():
+    """A bright pixel right of centre moves where ρ(g) sends the vector (1, 0) (x right, y up)."""
+    for g in D4:
+        img = np.zeros((5, 5))
+        img[2, 3] = 1.0
+        r, c = np.argwhere(apply_d4(img, *g))[0]
+        assert np.allclose(plane_matrix(g) @ [1.0, 0.0], [c - 2, 2 - r])
+
+
+@pytest.mark.parametrize("size,stride", [(29, 1), (29, 2), (15, 2)])
+def test_lifting_and_group_conv_are_exactly_equivariant(size, stride):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size)
+    lift, gconv = LiftingConv(3, 4, 5, stride), GroupConv(4, 2, 3, stride)
+    with torch.no_grad():
+        for g in D4:
+            gx = torch.from_numpy(apply_d4(x.numpy(), *g))
+            assert torch.allclose(lift(gx), _regular_act(lift(x), g), atol=1e-5)
+            y = torch.randn(2, 4 * N_G, size, size)
+            gy = _regular_act(y, g)
+            assert torch.allclose(gconv(gy), _regular_act(gconv(y), g), atol=1e-5)
+
+
+def test_even_size_with_stride_two_is_not_equivariant():
+    """Why the input is 29x29: the same layer on an even grid breaks exactness (the 'one pixel decides it' fact)."""
+    torch.manual_seed(0)
+    lift = LiftingConv(1, 4, 3, stride=2)
+    x = torch.randn(1, 1, 28, 28)
+    with torch.no_grad():
+        gx = torch.from_numpy(apply_d4(x.numpy(), 1, False))
+        assert (lift(gx) - _regular_act(lift(x), (1, False))).abs().max() > 1e-2
+
+
+def test_encoder_pose_moves_with_the_group_and_embedding_is_invariant():
+    torch.manual_seed(1)
+    enc = Encoder((4, 8, 8), 16).eval()
+    x = torch.rand(6, 1, 29, 29)
+    with torch.no_grad():
+        emb, pose, logit, *_ = enc(x)
+        angle = np.degrees(np.arctan2(pose[:, 1].numpy(), pose[:, 0].numpy()))
+        for k, f in D4:
+            e2, p2, l2, *_ = enc(torch.from_numpy(apply_d4(x.numpy(), k, f)))
+            a2 = np.degrees(np.arctan2(p2[:, 1].numpy(), p2[:, 0].numpy()))
+            assert torch.allclose(e2, emb, atol=1e-5)
+            assert torch.allclose(l2, -logit if f else logit, atol=1e-5)
+            for i in range(len(x)):
+                want_a, want_m = compose((90.0 * k, f), (float(angle[i]), bool(logit[i] > 0)))
+                assert abs((a2[i] - want_a + 180) % 360 - 180) < 1e-3
+                assert bool(l2[i] > 0) == want_m
+
+
+def test_rotate_is_counter_clockwise_like_rot90():
+    x = torch.rand(3, 1, 29, 29)
+    one, zero = torch.ones(3), torch.zeros(3)
+    assert torch.allclose(rotate(x, zero, one), torch.rot90(x, 1, dims=(-2, -1)), atol=1e-5)

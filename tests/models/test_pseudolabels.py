@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import torch
+
+from models.pseudolabels import knn, knn_pseudo_labels
+
+
+def test_chunked_knn_matches_dense():
+    torch.manual_seed(0)
+    x = torch.randn(700, 8)
+    idx, dist = knn(x, 5, chunk=64)
+    dense = torch.cdist(x, x)
+    ref_d, ref_i = torch.topk(dense, 5, largest=False)
+    assert torch.allclose(dist, ref_d, atol=1e-4)
+    assert (idx[:, 0] == torch.arange(700)).all()  # each point is its own nearest neighbour
+    assert (idx == ref_i).float().mean() > 0.99  # ties aside, the same neighbours
+
+
+def test_uniform_and_reflection_levels_are_recovered_per_cluster():
+    """Two well-separated shapes: one rotated U(-20, 20) and never mirrored, one U(-120, 120) and mirrored half the time."""
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    emb = torch.cat([torch.randn(n, 4, generator=g) * 0.1, torch.randn(n, 4, generator=g) * 0.1 + 5.0])
+    angle = torch.cat([(torch.rand(n, generator=g) * 2 - 1) * 20, (torch.rand(n, generator=g) * 2 - 1) * 120])
+    logit = torch.cat([-torch.ones(n), torch.where(torch.rand(n, generator=g) < 0.5, 1.0, -1.0)])
+    labels, mask = knn_pseudo_labels(emb, angle, logit, k=64)
+    assert abs(labels[:n, 0].mean().item() - 20) < 2.0
+    assert abs(labels[n:, 0].mean().item() - 120) < 8.0
+    assert labels[:n, 1].max() == 0.0
+    assert abs(labels[n:, 1].mean().item() - 0.5) < 0.05
+    assert 0.95 < mask.float().mean() < 1.0  # the sparsest 2% are masked, not zeroed
+
+
+def test_outlier_poses_are_masked_out_of_the_average():
+    g = torch.Generator().manual_seed(1)
+    n = 1000
+    emb = torch.randn(n, 4, generator=g) * 0.1
+    angle = (torch.rand(n, generator=g) * 2 - 1) * 30
+    angle[::10] = 179.0  # 10% upside-down mistakes
+    labels, _ = knn_pseudo_labels(emb, angle, -torch.ones(n), k=100)
+    assert abs(labels[:, 0].mean().item() - 30) < 4.0  # without masking this would be ~ 45
+
+
+def test_gaussian_level_uses_the_half_normal_correction():
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(3000, 4, generator=g) * 0.01
+    angle = torch.randn(3000, generator=g) * 40.0
+    labels, _ = knn_pseudo_labels(emb, angle, -torch.ones(3000), k=500, family="gaussian")
+    assert abs(labels[:, 0].mean().item() - 40.0) < 3.0
