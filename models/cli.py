@@ -32,7 +32,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from models.export import export_run
     from models.train import TrainConfig, train
 
-    cfg = TrainConfig(dataset=a.dataset, out=a.out, steps=a.steps, seed=a.seed, threads=a.threads)
+    cfg = TrainConfig(dataset=a.dataset, out=a.out, steps=a.steps, level_steps=a.level_steps, seed=a.seed, threads=a.threads)
     ckpt = train(cfg, resume=not a.fresh)
     if a.no_export:
         print(ckpt)
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="learn pose and symmetry level from a dataset spec or an image folder, then export a bundle")
     t.add_argument("dataset", nargs="?", default=DEFAULT_MODEL, help="built-in spec (models/specs/*.yaml), a spec YAML, or an image folder")
     t.add_argument("--steps", type=int, default=1500, help="autoencoder steps")
+    t.add_argument("--level-steps", type=int, default=2000, help="steps for the level and group heads")
     t.add_argument("--out", default="runs", help="checkpoint folder (resumable)")
     t.add_argument("--repo", default=str(REPOSITORY), help="model repository to export into")
     t.add_argument("--name", default=None, help="bundle name (default: the dataset name)")
