@@ -1,0 +1,68 @@
+"""Bytes -> Pillow image, defensively: known formats only, pixel count checked before decoding, EXIF applied.
+
+EXIF policy: a camera that stores "rotate 90° when displaying" in the EXIF Orientation tag shows the picture
+upright to people. We apply ImageOps.exif_transpose first, so the angle symguard reports is the one a viewer sees,
+and /v1/canonicalize returns pixels that need no EXIF tag. A client that wants the raw sensor orientation scored
+must strip the tag before sending.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import CorruptImage, InvalidBase64, TooManyPixels, UnsupportedMediaType
+
+# Decoders we accept. Pillow can do more (EPS shells out to Ghostscript, for one); untrusted bytes get these only.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+IMAGE_MEDIA_TYPES = {
+    "image/png", "image/jpeg", "image/jpg", "image/gif", "image/bmp", "image/x-ms-bmp", "image/tiff", "image/webp",
+    "image/x-portable-pixmap", "image/x-portable-graymap", "image/x-portable-anymap", "application/octet-stream",
+}  # fmt: skip
+
+
+def decode_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Image:
+    """Decode one image; raises typed errors that name `what` (e.g. "images[2]")."""
+    if not data:
+        raise CorruptImage(f"{what} is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            # Image.open reads only the header: refuse huge canvases before a single pixel is decoded.
+            w, h = img.size
+            if w * h > max_pixels:
+                raise TooManyPixels(f"{what} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}", width=w, height=h)
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # animations: score the first frame
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (TooManyPixels, CorruptImage):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise TooManyPixels(f"{what}: {e}") from None
+    except UnidentifiedImageError:
+        raise UnsupportedMediaType(f"{what} is not an image in a supported format ({', '.join(FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, MemoryError) as e:
+        # Truncated or malformed data: Pillow's decoders raise a zoo of types.
+        raise CorruptImage(f"{what} could not be decoded: {e}") from None
+    return img
+
+
+def decode_base64(text: object, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise InvalidBase64(f"{what} must be a base64 string")
+    if text.startswith("data:"):  # tolerate data URLs: data:image/png;base64,....
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)  # line-wrapped base64 is common
+    except (binascii.Error, ValueError):
+        raise InvalidBase64(f"{what} is not valid base64") from None
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()

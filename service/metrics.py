@@ -1,0 +1,63 @@
+"""Prometheus metrics: prefix symguard_, base units (seconds), labels from bounded sets only.
+
+Each app gets its own CollectorRegistry, so several servers (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from service.scoring import ImageScore
+
+MAX_GROUP_LABELS = 64  # a manifest with more groups folds the rest into "other"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("symguard_requests", "HTTP requests by route template and status code.", ["endpoint", "code"], registry=r)
+        self.request_duration = Histogram(
+            "symguard_request_duration_seconds", "HTTP request latency.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.decisions = Counter(
+            "symguard_decisions", "Per-image verdicts.", ["model", "decision", "reason", "group"], registry=r
+        )
+        self.ood_score = Histogram(
+            "symguard_ood_score", "Per-image score (>1 means OOD).", ["model"], buckets=SCORE_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram("symguard_batch_size", "Images per session.run.", ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("symguard_queue_depth", "Requests waiting for a batch.", ["model"], registry=r)
+        self.inference_duration = Histogram(
+            "symguard_inference_duration_seconds", "session.run plus scoring, per batch.", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.model_info = Gauge("symguard_model_info", "Served model version and its real execution provider.", ["model", "version", "provider"], registry=r)
+        self.equivariance_error = Gauge(
+            "symguard_equivariance_error", "Startup self-check: worst relative equivariance error on probes.", ["model", "transform"], registry=r
+        )
+        self.reload_failures = Counter("symguard_reload_failures", "Loads or reloads that failed and kept the old version.", ["model"], registry=r)
+        self.ready = Gauge("symguard_ready", "1 when the server reports ready.", registry=r)
+
+    def record_rows(self, rows: list[ImageScore], groups: set[str]) -> None:
+        for row in rows:
+            group = row.group if row.group in groups else "other"
+            self.decisions.labels(row.model, row.verdict, row.reason or "none", group).inc()
+            self.ood_score.labels(row.model).observe(row.score)
+
+    def model_loaded(self, name: str, version: int, provider: str, errors: dict[str, float], previous: tuple[int, str] | None) -> None:
+        if previous is not None:
+            try:
+                self.model_info.remove(name, str(previous[0]), previous[1])
+            except KeyError:
+                pass
+        self.model_info.labels(name, str(version), provider).set(1)
+        for transform, err in errors.items():
+            self.equivariance_error.labels(name, transform).set(err)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,129 @@
+"""The models being served, and atomic reloads.
+
+A reload verifies, loads and self-checks the new version beside the old one; only then does one assignment swap
+which version new requests see. The old version's batcher finishes what it already queued. A failed reload leaves
+the old version serving, records why, and bumps symguard_reload_failures_total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from service import runtime
+from service.batching import Batcher
+from service.config import Settings
+from service.errors import BundleError, CudaUnavailable, ModelNotFound, ModelNotReady
+from service.metrics import Metrics
+from service.repository import DEFAULT_MODEL, ModelRef, Repository, default_repository
+from service.runtime import ModelRuntime
+
+log = logging.getLogger("symguard.registry")
+
+
+@dataclass
+class Served:
+    runtime: ModelRuntime
+    batcher: Batcher
+    loaded_at: float = field(default_factory=time.time)
+
+
+class Registry:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.repository = Repository(settings.repository or default_repository())
+        self.pin = ModelRef.parse(settings.model) if settings.model else None
+        self.models: dict[str, Served] = {}
+        self.unavailable: dict[str, str] = {}  # models that should serve but could not load -> why (keeps /readyz at 503)
+        self.last_error: dict[str, str] = {}  # last failed load/reload per model, also when an older version still serves
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        names = [self.pin.name] if self.pin else self.repository.names()
+        if not names:
+            self.unavailable["*"] = f"no models in repository {self.repository.root}"
+            log.warning("no models found in %s; /readyz stays 503 until one is loaded via reload", self.repository.root)
+        for name in names:
+            try:
+                await self.load(name)
+            except CudaUnavailable:
+                raise  # require_cuda: refusing to start is the point
+            except BundleError as e:
+                log.error("model %s not loaded: %s", name, e.message)
+        self.metrics.ready.set(1 if self.ready else 0)
+
+    async def close(self) -> None:
+        served, self.models = list(self.models.values()), {}
+        await asyncio.gather(*(s.batcher.close() for s in served))
+
+    # ---- loading
+
+    async def load(self, name: str, version: int | None = None) -> Served:
+        """Load NAME (pinned version, the given one, or the newest), self-check it, then swap it in."""
+        if self.pin and name != self.pin.name:
+            raise ModelNotFound(f"this server is pinned to {self.pin}; {name!r} is not served")
+        ref = ModelRef(name, version if version is not None else self.pin.version if self.pin else None)
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:  # one reload per model at a time
+            try:
+                bundle = await asyncio.to_thread(self.repository.open, ref)
+                rt = await asyncio.to_thread(
+                    runtime.load, bundle, self.settings.intra_op_threads, self.settings.require_cuda
+                )
+            except BundleError as e:
+                self._failed(name, e.message)
+                raise
+            batcher = Batcher(rt, self.metrics, self.settings.max_batch, self.settings.max_delay_ms, self.settings.queue_size)
+            batcher.start()
+            old = self.models.get(name)
+            self.models[name] = new = Served(rt, batcher)  # the swap: new requests see the new version from here on
+            self.unavailable.pop(name, None)
+            self.unavailable.pop("*", None)
+            self.last_error.pop(name, None)
+            assert rt.self_check is not None
+            previous = (old.runtime.version, old.runtime.provider) if old else None
+            self.metrics.model_loaded(name, rt.version, rt.provider, rt.self_check.equivariance_error, previous)
+            self.metrics.ready.set(1 if self.ready else 0)
+        if old is not None:
+            await old.batcher.close()
+            log.info("model %s: version %s replaced by %s", name, old.runtime.version, rt.version)
+        return new
+
+    def _failed(self, name: str, why: str) -> None:
+        self.last_error[name] = why
+        if name not in self.models:
+            self.unavailable[name] = why
+        self.metrics.reload_failures.labels(name).inc()
+        self.metrics.ready.set(1 if self.ready else 0)
+
+    # ---- lookup
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models) and not self.unavailable
+
+    @property
+    def default_name(self) -> str | None:
+        if self.pin:
+            return self.pin.name
+        if DEFAULT_MODEL in self.models:
+            return DEFAULT_MODEL
+        return min(self.models, default=None)
+
+    def get(self, ref: ModelRef | None = None) -> Served:
+        name = ref.name if ref else self.default_name
+        if name is None:
+            raise ModelNotReady("no model is loaded" + (f": {self.unavailable.get('*')}" if "*" in self.unavailable else ""))
+        served = self.models.get(name)
+        if served is None:
+            if name in self.unavailable:
+                raise ModelNotReady(f"model {name!r} is not loaded: {self.unavailable[name]}")
+            raise ModelNotFound(f"model {name!r} is not served (served: {sorted(self.models) or 'none'})")
+        if ref is not None and ref.version is not None and ref.version != served.runtime.version:
+            raise ModelNotFound(f"model {name!r} version {ref.version} is not served (serving version {served.runtime.version})")
+        return served
