@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="learn pose and symmetry level from a dataset spec or an image folder, then export a bundle")
     t.add_argument("dataset", nargs="?", default=DEFAULT_MODEL, help="built-in spec (models/specs/*.yaml), a spec YAML, or an image folder")
-    t.add_argument("--steps", type=int, default=1500, help="autoencoder steps")
+    t.add_argument("--steps", type=int, default=1000, help="autoencoder steps")
     t.add_argument("--level-steps", type=int, default=2000, help="steps for the level and group heads")
     t.add_argument("--out", default="runs", help="checkpoint folder (resumable)")
     t.add_argument("--repo", default=str(REPOSITORY), help="model repository to export into")

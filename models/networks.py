@@ -81,17 +81,17 @@ class LiftingConv(nn.Module):
 class GroupConv(nn.Module):
     """Regular D4 fields [N, Ci*8, H, W] -> [N, Co*8, H', W']."""
 
-    def __init__(self, c_in: int, c_out: int, size: int, stride: int = 1):
+    def __init__(self, c_in: int, c_out: int, size: int, stride: int = 1, dilation: int = 1):
         super().__init__()
         fan_in = c_in * N_G * size * size
         self.weight = nn.Parameter(torch.randn(c_out, c_in, N_G, size, size) * math.sqrt(2.0 / fan_in))
         self.bias = nn.Parameter(torch.zeros(c_out))
         self.register_buffer("index", group_index(tuple(self.weight.shape)), persistent=False)
-        self.stride, self.pad = stride, size // 2
+        self.stride, self.dilation, self.pad = stride, dilation, dilation * (size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.flatten()[self.index]
-        return F.conv2d(x, w, self.bias.repeat_interleave(N_G), self.stride, self.pad)
+        return F.conv2d(x, w, self.bias.repeat_interleave(N_G), self.stride, self.pad, self.dilation)
 
 
 class FieldNorm(nn.Module):
@@ -106,8 +106,8 @@ class FieldNorm(nn.Module):
         return self.bn(x.view(n, -1, N_G, h, w)).view(n, -1, h, w)
 
 
-def block(c_in: int, c_out: int, size: int, stride: int, lifting: bool = False) -> nn.Sequential:
-    conv = LiftingConv(c_in, c_out, size, stride) if lifting else GroupConv(c_in, c_out, size, stride)
+def block(c_in: int, c_out: int, size: int, stride: int, lifting: bool = False, dilation: int = 1) -> nn.Sequential:
+    conv = LiftingConv(c_in, c_out, size, stride) if lifting else GroupConv(c_in, c_out, size, stride, dilation)
     return nn.Sequential(conv, FieldNorm(c_out), nn.ReLU())
 
 
@@ -125,25 +125,29 @@ class Encoder(nn.Module):
     Between the 90° steps the angle is continuous: the softmax weights of neighbouring quarter turns interpolate.
     """
 
-    def __init__(self, channels: tuple[int, ...] = (8, 16, 32), embed_dim: int = 32, in_channels: int = 1):
+    def __init__(self, channels: tuple[int, ...] = (8, 16, 24), embed_dim: int = 32, in_channels: int = 1):
         super().__init__()
         c1, c2, c3 = channels
+        # "which way is up" is a property of the whole digit: the dilated last stage lets each feature see ~27 of
+        # the 29 pixels (receptive fields 5, 7, 11, 27); dilation on the symmetric 8x8 grid stays exact.
         self.features = nn.Sequential(
             block(in_channels, c1, 5, 1, lifting=True),  # 29 -> 29
             block(c1, c2, 3, 2),  # 29 -> 15
             block(c2, c3, 3, 2),  # 15 -> 8
-            block(c3, c3, 1, 1),  # 8 -> 8, 1x1: mixes fields cheaply
+            block(c3, c3, 3, 1, dilation=2),  # 8 -> 8
         )
         self.pose_field = nn.Linear(c3, 1)  # shared over h: a 1x1 group conv giving one regular field
-        self.embed = nn.Sequential(nn.Linear(2 * c3, 64), nn.ReLU(), nn.Linear(64, embed_dim))
+        self.embed = nn.Sequential(nn.Linear(4 * c3, 128), nn.ReLU(), nn.Linear(128, embed_dim))
         basis = np.stack([plane_matrix(g) @ np.array([1.0, 0.0]) for g in D4])  # [8, 2]
         self.register_buffer("basis", torch.tensor(basis, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor):
         f = self.features(x)
         n, _, h, w = f.shape
-        f = f.view(n, -1, N_G, h * w).mean(-1)  # [N, C, 8], spatial pooling keeps the group axis
-        inv = torch.cat([f.mean(-1), f.amax(-1)], dim=1)  # pooling over the orbit: invariant
+        f = f.view(n, -1, N_G, h * w)
+        fmax, f = f.amax(-1), f.mean(-1)  # [N, C, 8]: spatial pooling keeps the group axis
+        # pooling over the orbit (mean and max over the 8 group channels) makes it invariant
+        inv = torch.cat([f.mean(-1), f.amax(-1), fmax.mean(-1), fmax.amax(-1)], dim=1)
         emb = self.embed(inv)
         logits = self.pose_field(f.transpose(1, 2))[..., 0]  # [N, 8]
         p = torch.softmax(logits, dim=1)

@@ -2,7 +2,8 @@
 
   1. data      upright sources + a symmetry spec; poses are drawn afresh every step (infinite augmented stream)
   2. autoencoder  invariant embedding + equivariant pose; reconstruct x from the embedding, put back by the pose,
-                  with a small L1 pull of the pose toward the identity that centres every orbit at 0
+                  with a small L1 pull of the pose toward the identity that centres every orbit at 0, plus
+                  group-respecting pretext terms on a rotated copy (pose consistency, invariant contrast)
   3. pseudo-labels  spread of poses among each input's k nearest neighbours in the embedding (chunked, O(N·k))
   4. level head     invariant MLP on the embedding regresses (width, reflection rate)
   5. group head     classes when the data has labels (only for per-class views), else k-means clusters
@@ -31,13 +32,18 @@ from service.manifest import DatasetSpec
 class TrainConfig:
     dataset: str = "mnist-multiple-flip"  # built-in spec name, spec YAML path, or image folder
     out: str = "runs"  # checkpoints go to out/<dataset name>/
-    steps: int = 1500  # autoencoder steps
-    batch: int = 128
+    steps: int = 1000  # autoencoder steps
+    batch: int = 64  # (each step also runs a rotated copy of the batch)
     lr: float = 2e-3
-    pose_prior: float = 0.02  # weight of the pull of the pose toward the identity
-    pose_prior_start: float = 0.3  # annealed linearly to pose_prior over the first 30% of steps
+    pose_prior: float = 0.3  # weight of the L1 pull of the pose toward the identity
+    mirror_prior: float = 0.1  # weight of the pull of P(mirrored) toward 0
+    symmetry_breaking: float = 0.3  # cross-entropy toward the identity of D4, annealed over the first 30% ...
+    symmetry_breaking_final: float = 0.05  # ... down to this
+    consistency: float = 1.0  # weight of ψ(R_δ x) = R_δ ψ(x)
+    contrast: float = 0.05  # weight of the InfoNCE invariance term
+    temperature: float = 0.2
     warmup: float = 0.1  # fraction of steps spent warming up the learning rate
-    channels: tuple[int, int, int] = (8, 16, 32)
+    channels: tuple[int, int, int] = (8, 16, 24)
     embed_dim: int = 32
     knn: int = 32
     level_steps: int = 2000
@@ -91,8 +97,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         idx = torch.randint(0, n_train, (cfg.batch,), generator=gen)
         batch = type(src.train)(src.train.images[idx], src.train.labels[idx])
         x, _, _ = sample(spec, batch, src.classes, gen)
-        prior = cfg.pose_prior_start + (cfg.pose_prior - cfg.pose_prior_start) * min(1.0, step / (0.3 * cfg.steps))
-        loss, parts = autoencoder_loss(enc, dec, x, cfg, prior)
+        frac = min(1.0, step / (0.3 * cfg.steps))
+        breaking = cfg.symmetry_breaking + (cfg.symmetry_breaking_final - cfg.symmetry_breaking) * frac
+        loss, parts = autoencoder_loss(enc, dec, x, cfg, breaking)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 5.0)
@@ -137,21 +144,47 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     return ckpt_path
 
 
-def autoencoder_loss(enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConfig, pose_prior: float):
-    """Reconstruct x from the canonical decoding under both pose hypotheses, weighted by P(mirrored)."""
-    emb, _, logit, z, w, logits = enc(x)
+def autoencoder_loss(enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConfig, symmetry_breaking: float):
+    """The anchor's autoencoder loss plus two group-respecting pretext terms on a copy x' = R_δ x with known δ.
+
+    recon        x from the canonical decoding of the invariant embedding, put back under both pose hypotheses
+                 (unmirrored: x = R_φ c, mirrored: x = R_φ M c), weighted by P(mirrored)
+    pull         L1 pull of the reported angle toward 0 (and of P(mirrored) toward 0): centres every orbit at 0
+    consistency  ψ(x') = R_δ ψ(x): the network is exact for 90° steps, this teaches the angles in between
+    contrast     InfoNCE between embeddings of x and x': an invariant embedding whose neighbours share a shape
+    """
+    n = len(x)
+    delta = (torch.rand(n) * 2 - 1) * torch.pi
+    cos_d, sin_d = torch.cos(delta), torch.sin(delta)
+    x2 = rotate(x, cos_d, sin_d)
+    emb, _, logit, z, w, logits = enc(torch.cat([x, x2]))
+    (emb, emb2), (logit, _), (z, z2), (w, w2) = emb.split(n), logit.split(n), z.split(n), w.split(n)
+
+    unit = lambda v: v / (v.norm(dim=1, keepdim=True) + 1e-6)  # noqa: E731
+    zu, wu, z2u, w2u = unit(z), unit(w), unit(z2), unit(w2)  # zu: pose if not mirrored; wu: pose if mirrored
     canon = dec(emb)
-    zu = z / (z.norm(dim=1, keepdim=True) + 1e-6)  # pose if not mirrored: x = R_φ c
-    wu = w / (w.norm(dim=1, keepdim=True) + 1e-6)  # pose if mirrored:    x = R_φ M c
     rec0 = ((rotate(canon, zu[:, 0], zu[:, 1]) - x) ** 2).flatten(1).mean(1)
     rec1 = ((rotate(mirror(canon), wu[:, 0], wu[:, 1]) - x) ** 2).flatten(1).mean(1)
     p = torch.sigmoid(logit)
     recon = ((1 - p) * rec0 + p * rec1).mean()
-    # the pull toward the identity: cross-entropy of the D4 distribution toward the identity element. It is what
-    # centres each orbit's poses at 0 (and keeps "unmirrored" the common case); without it |ψ| means nothing.
-    pull = F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long))
-    loss = recon + pose_prior * pull
-    return loss, {"recon": recon.item(), "pull": pull.item(), "p_mirror": p.mean().item()}
+
+    angle = lambda u: torch.atan2(u[:, 1], u[:, 0]).abs()  # noqa: E731
+    pull = ((1 - p) * angle(zu) + p * angle(wu)).mean()
+    # the same pull for the mirror: most training data is unmirrored, so "unmirrored" is the canonical side
+    mirror_pull = F.binary_cross_entropy_with_logits(logit, torch.zeros_like(logit))
+    # early on, cross-entropy toward the identity element of D4 breaks the symmetry faster; annealed to 0
+    ce = F.cross_entropy(logits[:n], torch.zeros(n, dtype=torch.long))
+
+    rot = lambda u: torch.stack([cos_d * u[:, 0] - sin_d * u[:, 1], sin_d * u[:, 0] + cos_d * u[:, 1]], 1)  # noqa: E731
+    consistency = (((z2u - rot(zu)) ** 2).sum(1) + ((w2u - rot(wu)) ** 2).sum(1)).mean()
+
+    a, b = F.normalize(emb, dim=1), F.normalize(emb2, dim=1)
+    sim = a @ b.T / cfg.temperature
+    target = torch.arange(n)
+    contrast = 0.5 * (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target))
+
+    loss = recon + cfg.pose_prior * pull + cfg.mirror_prior * mirror_pull + symmetry_breaking * ce + cfg.consistency * consistency + cfg.contrast * contrast
+    return loss, {"recon": recon.item(), "cons": consistency.item(), "nce": contrast.item(), "p_mirror": p.mean().item()}
 
 
 @torch.no_grad()
