@@ -56,6 +56,7 @@ class Metrics:
             except KeyError:
                 pass
         self.model_info.labels(name, str(version), provider).set(1)
+        self.reload_failures.labels(name)  # expose the series at 0, so alerts can use increase() from the start
         for transform, err in errors.items():
             self.equivariance_error.labels(name, transform).set(err)
 

@@ -3,7 +3,11 @@ lifespan drains every model's queue and the process exits 0."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 
 import onnxruntime as ort
 import uvicorn
@@ -15,6 +19,21 @@ log = logging.getLogger("symguard.server")
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """As uvicorn's, minus re-raising the signal afterwards: a finished graceful shutdown exits 0, not -15."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 def serve(settings: Settings) -> int:
@@ -35,7 +54,7 @@ def serve(settings: Settings) -> int:
         lifespan="on",
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     server.run()
     # uvicorn leaves started=False when the lifespan startup failed (e.g. require_cuda refused a model)
     return 0 if server.started else 3
