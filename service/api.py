@@ -25,7 +25,7 @@ from service import __version__
 from service.auth import require_admin, require_api
 from service.batching import Result
 from service.config import Settings
-from service.errors import BadRequest, InferenceTimeout, SymguardError, error_response
+from service.errors import BadRequest, InferenceTimeout, ShuttingDown, SymguardError, error_response
 from service.geometry import canonicalize
 from service.preprocess import to_mode
 from service.inputs import decode_all, read_images, to_batch
@@ -127,14 +127,29 @@ def registry_of(request: Request) -> Registry:
     return request.app.state.registry
 
 
-def served_model(request: Request, model: str | None) -> Served:
-    return registry_of(request).get(ModelRef.parse(model) if model else None)
+def model_ref(model: str | None) -> ModelRef | None:
+    return ModelRef.parse(model) if model else None
 
 
-async def infer(request: Request, served: Served, x: Any) -> Result:
+def served_model(request: Request, ref: ModelRef | None) -> Served:
+    return registry_of(request).get(ref)
+
+
+async def infer(request: Request, served: Served, x: Any, ref: ModelRef | None) -> Result:
+    """Submit to the model's batcher and wait, bounded by request_timeout_s.
+
+    A reload may retire `served` between lookup and submit; then the request moves to the version now serving
+    (if the request did not pin the old one and the input format is unchanged) instead of failing.
+    """
     timeout = request.app.state.settings.request_timeout_s
     try:
-        return await asyncio.wait_for(served.batcher.submit(x), timeout)
+        try:
+            return await asyncio.wait_for(served.batcher.submit(x), timeout)
+        except ShuttingDown:
+            current = registry_of(request).get(ref)
+            if current is served or current.runtime.manifest.input != served.runtime.manifest.input:
+                raise
+            return await asyncio.wait_for(current.batcher.submit(x), timeout)
     except TimeoutError:
         raise InferenceTimeout(f"no result within {timeout:g}s") from None
 
@@ -156,12 +171,14 @@ def _v1_router():
     )  # fmt: skip
     async def score(request: Request, model: ModelQuery = None) -> Response:
         settings: Settings = request.app.state.settings
-        served = served_model(request, model)
+        ref = model_ref(model)
+        served = served_model(request, ref)
         images = await read_images(request, settings)
         spec = served.runtime.manifest.input
         x = await run_in_threadpool(lambda: to_batch(decode_all(images, settings.max_pixels), spec))
-        result = await infer(request, served, x)
-        body = ScoreResponse(model=served.runtime.name, version=served.runtime.version, provider=served.runtime.provider, results=result.rows)
+        result = await infer(request, served, x, ref)
+        rt = result.runtime  # the version that actually scored (a reload may have swapped it meanwhile)
+        body = ScoreResponse(model=rt.name, version=rt.version, provider=rt.provider, results=result.rows)
         return Response(body.model_dump_json().encode(), media_type="application/json")
 
     @r.post(
@@ -171,14 +188,15 @@ def _v1_router():
     )  # fmt: skip
     async def canonicalize_image(request: Request, model: ModelQuery = None) -> Response:
         settings: Settings = request.app.state.settings
-        served = served_model(request, model)
+        ref = model_ref(model)
+        served = served_model(request, ref)
         images = await read_images(request, settings)
         if len(images) != 1:
             raise BadRequest(f"canonicalize takes exactly one image, got {len(images)}")
         spec = served.runtime.manifest.input
         decoded = await run_in_threadpool(decode_all, images, settings.max_pixels)
         x = await run_in_threadpool(to_batch, decoded, spec)
-        row = (await infer(request, served, x)).rows[0]
+        row = (await infer(request, served, x, ref)).rows[0]
         png = await run_in_threadpool(_upright_png, decoded[0], row.angle_deg, row.reflected, spec.background)
         headers = {
             "X-Symguard-Model": row.model, "X-Symguard-Version": str(row.version),

@@ -31,6 +31,7 @@ class InferenceFailed(SymguardError):
 class Result:
     outputs: GraphOutputs
     rows: list[ImageScore]
+    runtime: ModelRuntime  # the model version that produced them
 
 
 @dataclass
@@ -134,7 +135,7 @@ class Batcher:
         for j in jobs:
             stop = start + len(j.x)
             if not j.future.done():
-                j.future.set_result(Result(result.outputs.rows(start, stop), result.rows[start:stop]))
+                j.future.set_result(Result(result.outputs.rows(start, stop), result.rows[start:stop], self.runtime))
             start = stop
 
     def _infer(self, x: np.ndarray) -> Result:
@@ -145,4 +146,4 @@ class Batcher:
         self.metrics.inference_duration.labels(name).observe(time.perf_counter() - t0)
         self.metrics.batch_size.labels(name).observe(len(x))
         self.metrics.record_rows(rows, self._groups)
-        return Result(outputs, rows)
+        return Result(outputs, rows, self.runtime)

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service import __version__
-from service.api import ERRORS, infer, json_response, registry_of, served_model
+from service.api import ERRORS, infer, json_response, model_ref, registry_of, served_model
 from service.auth import require_api
 from service.decode import decode_base64
 from service.errors import BadRequest, InvalidTensor, ModelNotReady, TooManyImages
@@ -52,14 +52,14 @@ async def ready(request: Request) -> Response:
 @router.get("/models/{name}", response_model=V2ModelMetadata, responses=ERRORS, summary="Model metadata")
 @router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata, responses=ERRORS, include_in_schema=False)
 async def model_metadata(request: Request, name: ModelName, version: str | None = None) -> Response:
-    served = served_model(request, _ref(name, version))
+    served = served_model(request, model_ref(_ref(name, version)))
     return Response(_metadata(served).model_dump_json().encode(), media_type="application/json")
 
 
 @router.get("/models/{name}/ready", responses=ERRORS, summary="Model ready")
 @router.get("/models/{name}/versions/{version}/ready", responses=ERRORS, include_in_schema=False)
 async def model_ready(request: Request, name: ModelName, version: str | None = None) -> Response:
-    served = served_model(request, _ref(name, version))
+    served = served_model(request, model_ref(_ref(name, version)))
     return json_response({"name": name, "ready": True, "version": str(served.runtime.version)})
 
 
@@ -70,16 +70,17 @@ async def model_ready(request: Request, name: ModelName, version: str | None = N
 )  # fmt: skip
 @router.post("/models/{name}/versions/{version}/infer", dependencies=[Depends(require_api)], include_in_schema=False)
 async def model_infer(request: Request, name: ModelName, version: str | None = None) -> Response:
-    served = served_model(request, _ref(name, version))
+    ref = model_ref(_ref(name, version))
+    served = served_model(request, ref)
     try:
         req = V2InferRequest.model_validate_json(await request.body())
     except ValidationError as e:
         first = e.errors()[0]
         raise BadRequest(f"not a V2 inference request: {'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}") from None
     x = await run_in_threadpool(_input_array, req, served, request.app.state.settings)
-    result = await infer(request, served, x)
+    result = await infer(request, served, x, ref)
     out = result.outputs
-    rt = served.runtime
+    rt = result.runtime
     names = rt.manifest.outputs
     tensors = {names.pose: out.pose, names.reflection_logit: out.reflection_logit, names.embedding: out.embedding, names.level: out.level}
     if names.class_logits and out.class_logits is not None:

@@ -53,6 +53,8 @@ class ModelRuntime:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ORT threads spin by default; on a server that also decodes and speaks HTTP, that steals the CPU.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # Ask only for providers this build has (asking for more just logs a warning); whether CUDA then really
         # initialises (drivers, cuDNN) is only known from get_providers(), which is what we report.
         requested = [p for p in WANTED_PROVIDERS if p in ort.get_available_providers()] or ["CPUExecutionProvider"]

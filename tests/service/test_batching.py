@@ -101,3 +101,14 @@ def test_requests_larger_than_max_batch_still_answered_whole(bundle_repo, mnist_
         one = c.post("/v1/score", content=moved_png(digits[9], 0, False), headers={"content-type": "image/png"})
     assert r.status_code == 200 and len(r.json()["results"]) == 10
     assert r.json()["results"][9]["angle_deg"] == pytest.approx(one.json()["results"][0]["angle_deg"], abs=1e-3)
+
+
+def test_request_timeout_is_504_and_the_worker_lives_on(bundle_repo, mnist_digits):
+    digits, _ = mnist_digits
+    body = moved_png(digits[0], 0, False)
+    with LiveServer(repository=bundle_repo, max_batch=64, max_delay_ms=800, request_timeout_s=0.2) as s, s.client() as c:
+        late = c.post("/v1/score", content=body, headers={"content-type": "image/png"})
+        s.settings.request_timeout_s = 5.0  # the same worker, now with time to answer
+        ok = c.post("/v1/score", content=body, headers={"content-type": "image/png"})
+    assert late.status_code == 504 and late.json()["code"] == "inference_timeout"
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 1

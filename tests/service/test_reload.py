@@ -131,6 +131,38 @@ def test_self_check_refuses_probe_disagreement(admin, repo):
     assert pinned_back.status_code == 200 and pinned_back.json()["version"] == 1
 
 
+def test_reloads_under_load_drop_no_request(admin, mnist_digits):
+    """Swap versions back and forth while clients keep scoring: every request is answered 200 by some version."""
+    import threading
+
+    import httpx
+
+    digits, _ = mnist_digits
+    body = png(digits[0])
+    seen: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=admin.url, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post("/v1/score", content=body, headers={"content-type": "image/png"})
+                seen.append((r.status_code, r.json().get("version", -1)))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        with admin.client() as c:
+            swaps = [c.post("/v1/models/digits/reload", params={"version": v}, headers=AUTH).status_code for v in (2, 1, 2, 1)]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert swaps == [200] * 4
+    assert seen and {code for code, _ in seen} == {200}, set(seen)
+    assert {v for _, v in seen} <= {1, 2}
+
+
 def test_startup_self_check_failure_keeps_the_server_unready(repo, tmp_path, mnist_digits):
     digits, _ = mnist_digits
     only_bad = tmp_path / "repo"
