@@ -33,7 +33,7 @@ class Settings(BaseSettings):
 
     # ---- network
     host: str = Field("127.0.0.1", description="interface to bind; use 0.0.0.0 only behind a trusted network or proxy")
-    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
 
     # ---- models
     repository: Path | None = Field(None, description="model repository REPO/NAME/VERSION/ (unset: this project's models/repository)")
