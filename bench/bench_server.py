@@ -41,7 +41,9 @@ def digits_png(n: int) -> list[bytes]:
     return out
 
 
-async def scenario(url: str, images: list[bytes], per_request: int, concurrency: int, max_requests: int, seconds: float) -> dict:
+async def scenario(
+    url: str, images: list[bytes], per_request: int, concurrency: int, max_requests: int, seconds: float
+) -> dict:
     latencies: list[float] = []
     errors = 0
     done = 0
@@ -81,7 +83,19 @@ def start_server(repository: Path, threads: int | None, extra: list[str]) -> tup
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--repository", str(repository), "--port", str(port), "--log-level", "warning", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--repository",
+        str(repository),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     if threads:
         cmd += ["--intra-op-threads", str(threads)]
     proc = subprocess.Popen(cmd)
@@ -109,7 +123,12 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="most seconds per scenario")
     p.add_argument("--single-concurrency", type=int, default=16)
     p.add_argument("--batch-concurrency", type=int, default=4)
-    p.add_argument("--server-arg", action="append", default=[], help="extra `symguard serve` flag (repeatable), e.g. --server-arg=--max-delay-ms=2")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra `symguard serve` flag (repeatable), e.g. --server-arg=--max-delay-ms=2",
+    )
     a = p.parse_args()
 
     proc = None
@@ -118,7 +137,9 @@ def main() -> int:
         proc, url = start_server(a.repository, a.threads, a.server_arg)
     try:
         info = httpx.get(url + "/v1/models", timeout=10).json()["models"][0]
-        print(f"model {info['name']}:{info['version']} on {info['provider']}; client and server share {os.cpu_count()} cores")
+        print(
+            f"model {info['name']}:{info['version']} on {info['provider']}; client and server share {os.cpu_count()} cores"
+        )
         images = digits_png(512)
         asyncio.run(scenario(url, images, 1, 4, 50, 5.0))  # warm-up
         print(f"{'scenario':<28} {'requests':>8} {'errors':>6} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
@@ -127,7 +148,9 @@ def main() -> int:
             (f"32 images x {a.batch_concurrency} clients", 32, a.batch_concurrency),
         ):
             r = asyncio.run(scenario(url, images, per, conc, a.requests, a.seconds))
-            print(f"{label:<28} {r['requests']:>8} {r['errors']:>6} {r['images_per_s']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}")
+            print(
+                f"{label:<28} {r['requests']:>8} {r['errors']:>6} {r['images_per_s']:>9.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}"
+            )
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

@@ -33,6 +33,8 @@ def require_api(request: Request) -> None:
     if settings.api_token is None:
         return
     given = _bearer(request)
-    if _matches(given, settings.api_token) or (settings.admin_token is not None and _matches(given, settings.admin_token)):
+    if _matches(given, settings.api_token) or (
+        settings.admin_token is not None and _matches(given, settings.admin_token)
+    ):
         return
     raise Unauthorized("missing or wrong bearer token")

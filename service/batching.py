@@ -44,7 +44,9 @@ _STOP = object()
 
 
 class Batcher:
-    def __init__(self, runtime: ModelRuntime, metrics: Metrics, max_batch: int, max_delay_ms: float, queue_size: int) -> None:
+    def __init__(
+        self, runtime: ModelRuntime, metrics: Metrics, max_batch: int, max_delay_ms: float, queue_size: int
+    ) -> None:
         self.runtime = runtime
         self.metrics = metrics
         self.max_batch = max_batch
@@ -61,12 +63,16 @@ class Batcher:
     async def submit(self, x: np.ndarray) -> Result:
         """Queue x for the next batch and wait for its own rows. Cancelling the wait drops the job."""
         if self._closing:
-            raise ShuttingDown(f"model {self.runtime.name}:{self.runtime.version} is being replaced or shut down; retry")
+            raise ShuttingDown(
+                f"model {self.runtime.name}:{self.runtime.version} is being replaced or shut down; retry"
+            )
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(_Job(x, future))
         except asyncio.QueueFull:
-            raise QueueFull(f"model {self.runtime.name} has {self.queue.maxsize} requests waiting; retry shortly") from None
+            raise QueueFull(
+                f"model {self.runtime.name} has {self.queue.maxsize} requests waiting; retry shortly"
+            ) from None
         self._depth()
         return await future
 
@@ -125,7 +131,9 @@ class Batcher:
         try:
             result = await loop.run_in_executor(self._executor, self._infer, x)
         except Exception as e:  # the worker must outlive any one bad batch
-            log.exception("inference failed for a batch of %d on %s:%s", len(x), self.runtime.name, self.runtime.version)
+            log.exception(
+                "inference failed for a batch of %d on %s:%s", len(x), self.runtime.name, self.runtime.version
+            )
             err = InferenceFailed(f"inference failed: {type(e).__name__}: {e}")
             for j in jobs:
                 if not j.future.done():

@@ -62,10 +62,18 @@ def cmd_serve(args: list[str]) -> int:
 
 
 def cmd_score(args: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="symguard score", description="Score image files with a bundle, locally; prints the /v1/score JSON.")
-    p.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...); EXIF orientation is applied first")
+    p = argparse.ArgumentParser(
+        prog="symguard score", description="Score image files with a bundle, locally; prints the /v1/score JSON."
+    )
+    p.add_argument(
+        "images", nargs="+", type=Path, help="image files (PNG, JPEG, ...); EXIF orientation is applied first"
+    )
     p.add_argument("--model", help="NAME or NAME:VERSION (default: the newest version of the default model)")
-    p.add_argument("--repository", type=Path, help="model repository (default: SYMGUARD_REPOSITORY or this project's models/repository)")
+    p.add_argument(
+        "--repository",
+        type=Path,
+        help="model repository (default: SYMGUARD_REPOSITORY or this project's models/repository)",
+    )
     p.add_argument("--bundle", type=Path, help="a bundle folder (REPO/NAME/VERSION) instead of --repository/--model")
     a = p.parse_args(args)
 
@@ -83,7 +91,9 @@ def cmd_score(args: list[str]) -> int:
         else:
             repo = Repository(a.repository or settings.repository or default_repository())
             names = repo.names()
-            ref = ModelRef.parse(a.model or settings.model or (DEFAULT_MODEL if DEFAULT_MODEL in names or not names else names[0]))
+            ref = ModelRef.parse(
+                a.model or settings.model or (DEFAULT_MODEL if DEFAULT_MODEL in names or not names else names[0])
+            )
             bundle = repo.open(ref)
         rt = runtime.load(bundle, settings.intra_op_threads)
         encoded = []
@@ -96,11 +106,15 @@ def cmd_score(args: list[str]) -> int:
         # The server's batch size bounds one session.run here too.
         rows = []
         for i in range(0, len(encoded), settings.max_batch):
-            rows += rt.score(prepare_batch(encoded[i : i + settings.max_batch], rt.manifest.input, settings.max_pixels))[1]
+            rows += rt.score(
+                prepare_batch(encoded[i : i + settings.max_batch], rt.manifest.input, settings.max_pixels)
+            )[1]
     except SymguardError as e:
         print(f"symguard score: {e.message}", file=sys.stderr)
         return 1
-    print(ScoreResponse(model=rt.name, version=rt.version, provider=rt.provider, results=rows).model_dump_json(indent=2))
+    print(
+        ScoreResponse(model=rt.name, version=rt.version, provider=rt.provider, results=rows).model_dump_json(indent=2)
+    )
     return 0
 
 

@@ -36,26 +36,48 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
 
     # ---- models
-    repository: Path | None = Field(None, description="model repository REPO/NAME/VERSION/ (unset: this project's models/repository)")
-    model: str | None = Field(None, description="serve only this model, NAME or NAME:VERSION (unset: the newest version of every model)")
-    require_cuda: bool = Field(False, description="refuse to start unless ONNX Runtime actually runs on CUDAExecutionProvider")
-    intra_op_threads: int = Field(default_factory=available_cores, ge=1, description="ONNX Runtime intra-op threads (the factory counts the cores this process may use)")
+    repository: Path | None = Field(
+        None, description="model repository REPO/NAME/VERSION/ (unset: this project's models/repository)"
+    )
+    model: str | None = Field(
+        None, description="serve only this model, NAME or NAME:VERSION (unset: the newest version of every model)"
+    )
+    require_cuda: bool = Field(
+        False, description="refuse to start unless ONNX Runtime actually runs on CUDAExecutionProvider"
+    )
+    intra_op_threads: int = Field(
+        default_factory=available_cores,
+        ge=1,
+        description="ONNX Runtime intra-op threads (the factory counts the cores this process may use)",
+    )
 
     # ---- batching
     max_batch: int = Field(32, ge=1, le=4096, description="most images per session.run")
-    max_delay_ms: float = Field(2.0, ge=0.0, le=1000.0, description="how long a batch waits for more requests once the first arrives")
+    max_delay_ms: float = Field(
+        2.0, ge=0.0, le=1000.0, description="how long a batch waits for more requests once the first arrives"
+    )
     queue_size: int = Field(256, ge=1, description="requests waiting per model before new ones get 503 + Retry-After")
 
     # ---- limits
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body; larger gets 413 before it is read")
-    max_pixels: int = Field(16_000_000, ge=1, description="largest width*height per image; larger gets 413 before decoding")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest request body; larger gets 413 before it is read"
+    )
+    max_pixels: int = Field(
+        16_000_000, ge=1, description="largest width*height per image; larger gets 413 before decoding"
+    )
     max_images: int = Field(64, ge=1, description="most images in one request")
     request_timeout_s: float = Field(30.0, gt=0, description="give up waiting for inference after this long (504)")
-    shutdown_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM/SIGINT: stop accepting, wait this long for in-flight requests")
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM/SIGINT: stop accepting, wait this long for in-flight requests"
+    )
 
     # ---- auth
-    admin_token: SecretStr | None = Field(None, description="bearer token for admin routes (reload); unset = admin routes disabled")
-    api_token: SecretStr | None = Field(None, description="bearer token required for scoring routes; unset = scoring is open")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token for admin routes (reload); unset = admin routes disabled"
+    )
+    api_token: SecretStr | None = Field(
+        None, description="bearer token required for scoring routes; unset = scoring is open"
+    )
 
     log_level: str = Field("info", description="debug, info, warning, error")
 

@@ -120,4 +120,6 @@ class CudaUnavailable(BundleError):
 
 def error_response(exc: SymguardError) -> Response:
     """The one mapping from a typed error to an HTTP response (used by api.py's handler and the body-limit middleware)."""
-    return Response(orjson.dumps(exc.body()), status_code=exc.status, headers=exc.headers, media_type="application/json")
+    return Response(
+        orjson.dumps(exc.body()), status_code=exc.status, headers=exc.headers, media_type="application/json"
+    )

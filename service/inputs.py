@@ -35,9 +35,13 @@ async def read_images(request: Request, settings: Settings) -> list[Encoded]:
     elif kind in IMAGE_MEDIA_TYPES or kind.startswith("image/"):
         images = [Encoded(await request.body(), "body")]
     elif not kind:
-        raise UnsupportedMediaType("missing Content-Type: send multipart/form-data, application/json or an image/* body")
+        raise UnsupportedMediaType(
+            "missing Content-Type: send multipart/form-data, application/json or an image/* body"
+        )
     else:
-        raise UnsupportedMediaType(f"Content-Type {kind!r} is not accepted: send multipart/form-data, application/json or image/*")
+        raise UnsupportedMediaType(
+            f"Content-Type {kind!r} is not accepted: send multipart/form-data, application/json or image/*"
+        )
     if not images:
         raise NoImage("the request holds no image")
     if len(images) > settings.max_images:

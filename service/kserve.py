@@ -15,13 +15,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service import __version__
-from service.api import ERRORS, infer, json_response, model_ref, registry_of, served_model
 from service.auth import require_api
 from service.decode import decode_base64
 from service.errors import BadRequest, InvalidTensor, ModelNotReady, TooManyImages
 from service.inputs import Encoded, prepare_batch
 from service.registry import Served
 from service.schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2TensorMeta
+from service.serving import ERRORS, infer, json_response, model_ref, registry_of, served_model
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
@@ -50,7 +50,9 @@ async def ready(request: Request) -> Response:
 
 
 @router.get("/models/{name}", response_model=V2ModelMetadata, responses=ERRORS, summary="Model metadata")
-@router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata, responses=ERRORS, include_in_schema=False)
+@router.get(
+    "/models/{name}/versions/{version}", response_model=V2ModelMetadata, responses=ERRORS, include_in_schema=False
+)
 async def model_metadata(request: Request, name: ModelName, version: str | None = None) -> Response:
     served = served_model(request, model_ref(_ref(name, version)))
     return Response(_metadata(served).model_dump_json().encode(), media_type="application/json")
@@ -76,13 +78,20 @@ async def model_infer(request: Request, name: ModelName, version: str | None = N
         req = V2InferRequest.model_validate_json(await request.body())
     except ValidationError as e:
         first = e.errors()[0]
-        raise BadRequest(f"not a V2 inference request: {'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}") from None
+        raise BadRequest(
+            f"not a V2 inference request: {'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}"
+        ) from None
     x = await run_in_threadpool(_input_array, req, served, request.app.state.settings)
     result = await infer(request, served, x, ref)
     out = result.outputs
     rt = result.runtime
     names = rt.manifest.outputs
-    tensors = {names.pose: out.pose, names.reflection_logit: out.reflection_logit, names.embedding: out.embedding, names.level: out.level}
+    tensors = {
+        names.pose: out.pose,
+        names.reflection_logit: out.reflection_logit,
+        names.embedding: out.embedding,
+        names.level: out.level,
+    }
     if names.class_logits and out.class_logits is not None:
         tensors[names.class_logits] = out.class_logits
     wanted = [o.name for o in req.outputs] if req.outputs else list(tensors)
@@ -94,7 +103,12 @@ async def model_infer(request: Request, name: ModelName, version: str | None = N
         "model_version": str(rt.version),
         "id": req.id,
         "outputs": [
-            {"name": w, "datatype": "FP32", "shape": list(tensors[w].shape), "data": np.ascontiguousarray(tensors[w], np.float32).ravel()}
+            {
+                "name": w,
+                "datatype": "FP32",
+                "shape": list(tensors[w].shape),
+                "data": np.ascontiguousarray(tensors[w], np.float32).ravel(),
+            }
             for w in wanted
         ],
     }
@@ -107,7 +121,9 @@ def _input_array(req: V2InferRequest, served: Served, settings) -> np.ndarray:
     spec = served.runtime.manifest.input
     if t.datatype == "BYTES":
         if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1) or t.shape[0] != len(t.data):
-            raise InvalidTensor(f"BYTES input must have shape [N] (or [N,1]) matching its {len(t.data)} elements, got {t.shape}")
+            raise InvalidTensor(
+                f"BYTES input must have shape [N] (or [N,1]) matching its {len(t.data)} elements, got {t.shape}"
+            )
         if len(t.data) > settings.max_images:
             raise TooManyImages(f"{len(t.data)} images in one request; the limit is {settings.max_images}")
         if not t.data:
@@ -115,10 +131,14 @@ def _input_array(req: V2InferRequest, served: Served, settings) -> np.ndarray:
         images = [Encoded(decode_base64(d, f"{t.name}[{i}]"), f"{t.name}[{i}]") for i, d in enumerate(t.data)]
         return prepare_batch(images, spec, settings.max_pixels)
     if t.datatype != "FP32":
-        raise InvalidTensor(f"input datatype {t.datatype!r} is not accepted; send FP32 [N,{spec.channels},{spec.size},{spec.size}] or BYTES [N]")
+        raise InvalidTensor(
+            f"input datatype {t.datatype!r} is not accepted; send FP32 [N,{spec.channels},{spec.size},{spec.size}] or BYTES [N]"
+        )
     want = [spec.channels, spec.size, spec.size]
     if len(t.shape) != 4 or t.shape[1:] != want or not 1 <= t.shape[0] <= settings.max_images:
-        raise InvalidTensor(f"FP32 input must have shape [N,{','.join(map(str, want))}] with 1 <= N <= {settings.max_images}, got {t.shape}")
+        raise InvalidTensor(
+            f"FP32 input must have shape [N,{','.join(map(str, want))}] with 1 <= N <= {settings.max_images}, got {t.shape}"
+        )
     try:
         x = np.asarray(t.data, dtype=np.float32)
     except (ValueError, TypeError):

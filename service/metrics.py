@@ -21,9 +21,15 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("symguard_requests", "HTTP requests by route template and status code.", ["endpoint", "code"], registry=r)
+        self.requests = Counter(
+            "symguard_requests", "HTTP requests by route template and status code.", ["endpoint", "code"], registry=r
+        )
         self.request_duration = Histogram(
-            "symguard_request_duration_seconds", "HTTP request latency.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+            "symguard_request_duration_seconds",
+            "HTTP request latency.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.decisions = Counter(
             "symguard_decisions", "Per-image verdicts.", ["model", "decision", "reason", "group"], registry=r
@@ -31,16 +37,32 @@ class Metrics:
         self.ood_score = Histogram(
             "symguard_ood_score", "Per-image score (>1 means OOD).", ["model"], buckets=SCORE_BUCKETS, registry=r
         )
-        self.batch_size = Histogram("symguard_batch_size", "Images per session.run.", ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "symguard_batch_size", "Images per session.run.", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("symguard_queue_depth", "Requests waiting for a batch.", ["model"], registry=r)
         self.inference_duration = Histogram(
-            "symguard_inference_duration_seconds", "session.run plus scoring, per batch.", ["model"], buckets=LATENCY_BUCKETS, registry=r
+            "symguard_inference_duration_seconds",
+            "session.run plus scoring, per batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
-        self.model_info = Gauge("symguard_model_info", "Served model version and its real execution provider.", ["model", "version", "provider"], registry=r)
+        self.model_info = Gauge(
+            "symguard_model_info",
+            "Served model version and its real execution provider.",
+            ["model", "version", "provider"],
+            registry=r,
+        )
         self.equivariance_error = Gauge(
-            "symguard_equivariance_error", "Startup self-check: worst relative equivariance error on probes.", ["model", "transform"], registry=r
+            "symguard_equivariance_error",
+            "Startup self-check: worst relative equivariance error on probes.",
+            ["model", "transform"],
+            registry=r,
         )
-        self.reload_failures = Counter("symguard_reload_failures", "Loads or reloads that failed and kept the old version.", ["model"], registry=r)
+        self.reload_failures = Counter(
+            "symguard_reload_failures", "Loads or reloads that failed and kept the old version.", ["model"], registry=r
+        )
         self.ready = Gauge("symguard_ready", "1 when the server reports ready.", registry=r)
 
     def record_rows(self, rows: list[ImageScore], groups: set[str]) -> None:
@@ -49,7 +71,9 @@ class Metrics:
             self.decisions.labels(row.model, row.verdict, row.reason or "none", group).inc()
             self.ood_score.labels(row.model).observe(row.score)
 
-    def model_loaded(self, name: str, version: int, provider: str, errors: dict[str, float], previous: tuple[int, str] | None) -> None:
+    def model_loaded(
+        self, name: str, version: int, provider: str, errors: dict[str, float], previous: tuple[int, str] | None
+    ) -> None:
         if previous is not None:
             try:
                 self.model_info.remove(name, str(previous[0]), previous[1])

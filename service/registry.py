@@ -37,8 +37,12 @@ class Registry:
         self.repository = Repository(settings.repository or default_repository())
         self.pin = ModelRef.parse(settings.model) if settings.model else None
         self.models: dict[str, Served] = {}
-        self.unavailable: dict[str, str] = {}  # models that should serve but could not load -> why (keeps /readyz at 503)
-        self.last_error: dict[str, str] = {}  # last failed load/reload per model, also when an older version still serves
+        self.unavailable: dict[
+            str, str
+        ] = {}  # models that should serve but could not load -> why (keeps /readyz at 503)
+        self.last_error: dict[
+            str, str
+        ] = {}  # last failed load/reload per model, also when an older version still serves
         self._locks: dict[str, asyncio.Lock] = {}
 
     # ---- lifecycle
@@ -78,7 +82,9 @@ class Registry:
             except BundleError as e:
                 self._failed(name, e.message)
                 raise
-            batcher = Batcher(rt, self.metrics, self.settings.max_batch, self.settings.max_delay_ms, self.settings.queue_size)
+            batcher = Batcher(
+                rt, self.metrics, self.settings.max_batch, self.settings.max_delay_ms, self.settings.queue_size
+            )
             batcher.start()
             old = self.models.get(name)
             self.models[name] = new = Served(rt, batcher)  # the swap: new requests see the new version from here on
@@ -118,12 +124,16 @@ class Registry:
     def get(self, ref: ModelRef | None = None) -> Served:
         name = ref.name if ref else self.default_name
         if name is None:
-            raise ModelNotReady("no model is loaded" + (f": {self.unavailable.get('*')}" if "*" in self.unavailable else ""))
+            raise ModelNotReady(
+                "no model is loaded" + (f": {self.unavailable.get('*')}" if "*" in self.unavailable else "")
+            )
         served = self.models.get(name)
         if served is None:
             if name in self.unavailable:
                 raise ModelNotReady(f"model {name!r} is not loaded: {self.unavailable[name]}")
             raise ModelNotFound(f"model {name!r} is not served (served: {sorted(self.models) or 'none'})")
         if ref is not None and ref.version is not None and ref.version != served.runtime.version:
-            raise ModelNotFound(f"model {name!r} version {ref.version} is not served (serving version {served.runtime.version})")
+            raise ModelNotFound(
+                f"model {name!r} version {ref.version} is not served (serving version {served.runtime.version})"
+            )
         return served

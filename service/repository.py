@@ -62,7 +62,9 @@ class Repository:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_safe_name(p.name) and self.versions(p.name))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and is_safe_name(p.name) and self.versions(p.name)
+        )
 
     def versions(self, name: str) -> list[int]:
         d = self.root / name

@@ -91,7 +91,9 @@ class ModelRuntime:
             raise BundleError(f"graph inputs {[i.name for i in inputs]} do not match the manifest's {spec.name!r}")
         shape = inputs[0].shape
         if len(shape) != 4 or [d for d in shape[1:]] != [spec.channels, spec.size, spec.size]:
-            raise BundleError(f"graph input shape {shape} does not match [N, {spec.channels}, {spec.size}, {spec.size}]")
+            raise BundleError(
+                f"graph input shape {shape} does not match [N, {spec.channels}, {spec.size}, {spec.size}]"
+            )
         have = {o.name for o in self.session.get_outputs()}
         missing = [n for n in self._output_names() if n is not None and n not in have]
         if missing:
@@ -103,7 +105,11 @@ class ModelRuntime:
         """x: float32 [N, C, S, S], already normalised. One session.run."""
         o = self.session.run(self.outputs, {self.manifest.input.name: np.ascontiguousarray(x, dtype=np.float32)})
         return GraphOutputs(
-            pose=o[0], reflection_logit=o[1].reshape(-1), embedding=o[2], level=o[3], class_logits=o[4] if len(o) > 4 else None
+            pose=o[0],
+            reflection_logit=o[1].reshape(-1),
+            embedding=o[2],
+            level=o[3],
+            class_logits=o[4] if len(o) > 4 else None,
         )
 
     def score(self, x: np.ndarray) -> tuple[GraphOutputs, list[ImageScore]]:
@@ -119,7 +125,9 @@ class ModelRuntime:
             result = SelfCheck({}, math.nan, math.nan, 0, ["manifest has no probes to check the graph with"])
             self.self_check = result
             return result
-        x = np.stack([normalise(_probe_image(p.png_base64, spec.size, spec.channels), spec) for p in self.manifest.probes])
+        x = np.stack(
+            [normalise(_probe_image(p.png_base64, spec.size, spec.channels), spec) for p in self.manifest.probes]
+        )
         base = self.infer(x)
         problems: list[str] = []
 
@@ -130,9 +138,13 @@ class ModelRuntime:
         angle_err = float(np.max(np.abs(wrap_deg(angle - stored_angle))[decided], initial=0.0))
         logit_err = float(np.max(np.abs(base.reflection_logit - stored_logit) / (1.0 + np.abs(stored_logit))))
         if angle_err > PROBE_ANGLE_TOL_DEG:
-            problems.append(f"probe angles differ from the manifest by up to {angle_err:.3g}° (tolerance {PROBE_ANGLE_TOL_DEG}°)")
+            problems.append(
+                f"probe angles differ from the manifest by up to {angle_err:.3g}° (tolerance {PROBE_ANGLE_TOL_DEG}°)"
+            )
         if logit_err > PROBE_LOGIT_TOL:
-            problems.append(f"probe reflection logits differ from the manifest by up to {logit_err:.3g} (tolerance {PROBE_LOGIT_TOL})")
+            problems.append(
+                f"probe reflection logits differ from the manifest by up to {logit_err:.3g} (tolerance {PROBE_LOGIT_TOL})"
+            )
 
         errors = {"rot90": 0.0, "flip": 0.0}
         for k, mirrored in D4[1:]:
@@ -193,8 +205,15 @@ def load(bundle: Bundle, intra_op_threads: int, require_cuda: bool = False) -> M
     rt = ModelRuntime(bundle, intra_op_threads, require_cuda)
     check = rt.check()
     if not check.passed:
-        raise SelfCheckFailed(f"{rt.name}:{rt.version} failed its self-check: " + "; ".join(check.problems), equivariance_error=check.equivariance_error)
-    cuda_note = "" if rt.provider == "CUDAExecutionProvider" else f" (CUDA requested; available providers: {', '.join(ort.get_available_providers())})"
+        raise SelfCheckFailed(
+            f"{rt.name}:{rt.version} failed its self-check: " + "; ".join(check.problems),
+            equivariance_error=check.equivariance_error,
+        )
+    cuda_note = (
+        ""
+        if rt.provider == "CUDAExecutionProvider"
+        else f" (CUDA requested; available providers: {', '.join(ort.get_available_providers())})"
+    )
     log.info(
         "model %s:%s ready: provider=%s%s threads=%d equivariance_error rot90=%.2g flip=%.2g over %d probes",
         rt.name, rt.version, rt.provider, cuda_note, intra_op_threads,

@@ -13,7 +13,9 @@ class ScoreJSON(BaseModel):
     """JSON form of POST /v1/score."""
 
     model_config = ConfigDict(extra="forbid")
-    images: list[str] = Field(..., min_length=1, description="base64-encoded image files (PNG, JPEG, ...); data: URLs accepted")
+    images: list[str] = Field(
+        ..., min_length=1, description="base64-encoded image files (PNG, JPEG, ...); data: URLs accepted"
+    )
 
 
 class ScoreResponse(BaseModel):

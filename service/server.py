@@ -39,7 +39,9 @@ class _Server(uvicorn.Server):
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
     if settings.require_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
-        log.error("require_cuda is set but this onnxruntime build has no CUDA (available: %s)", ort.get_available_providers())
+        log.error(
+            "require_cuda is set but this onnxruntime build has no CUDA (available: %s)", ort.get_available_providers()
+        )
         return 2
     from service.api import create_app
 

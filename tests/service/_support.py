@@ -86,7 +86,12 @@ def huge_png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + chunk(b"IEND", b"")
+    )
 
 
 # ---------------------------------------------------------------- bundles
@@ -104,7 +109,9 @@ def copy_version(repo: Path, name: str, src: int, dst: int, **manifest_update: o
 def rehash(bundle: Path) -> None:
     """Make the manifest's sha256 entries match the files again (after a test replaced one on purpose)."""
     m = Manifest.load(bundle)
-    m.model_copy(update={"files": [FileEntry(path=f.path, sha256=sha256_file(bundle / f.path)) for f in m.files]}).write(bundle)
+    m.model_copy(
+        update={"files": [FileEntry(path=f.path, sha256=sha256_file(bundle / f.path)) for f in m.files]}
+    ).write(bundle)
 
 
 def non_equivariant_graph(path: Path, size: int = 29, classes: int = 10, seed: int = 0) -> None:
@@ -123,10 +130,15 @@ def non_equivariant_graph(path: Path, size: int = 29, classes: int = 10, seed: i
         nodes.append(helper.make_node("MatMul", ["flat", f"W_{k}"], [target]))
     nodes.append(helper.make_node("Reshape", ["logit_2d", "flat_shape"], ["reflection_logit"]))
     outputs = [
-        helper.make_tensor_value_info(k, TensorProto.FLOAT, ["N"] if k == "reflection_logit" else ["N", d]) for k, d in dims.items()
+        helper.make_tensor_value_info(k, TensorProto.FLOAT, ["N"] if k == "reflection_logit" else ["N", d])
+        for k, d in dims.items()
     ]
     graph = helper.make_graph(
-        nodes, "dense", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])], outputs, inits
+        nodes,
+        "dense",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])],
+        outputs,
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

@@ -64,7 +64,9 @@ def test_garbage_and_unsupported(server):
         garbage = c.post("/v1/score", content=b"this is not an image at all", headers=PNG)
         text = c.post("/v1/score", content=b"hello", headers={"content-type": "text/plain"})
         none = c.post("/v1/score", content=b"hello", headers={"content-type": ""})
-        svg = c.post("/v1/score", content=b"<svg xmlns='http://www.w3.org/2000/svg'/>", headers={"content-type": "image/svg+xml"})
+        svg = c.post(
+            "/v1/score", content=b"<svg xmlns='http://www.w3.org/2000/svg'/>", headers={"content-type": "image/svg+xml"}
+        )
     _err(garbage, 415, "unsupported_media_type")
     assert "supported format" in garbage.json()["error"]
     _err(text, 415, "unsupported_media_type")
@@ -102,7 +104,9 @@ def test_multipart_without_a_file_is_422(server):
     only_a_field = b'--x\r\nContent-Disposition: form-data; name="note"\r\n\r\nno file here\r\n--x--\r\n'
     with server.client() as c:
         r = c.post("/v1/score", content=only_a_field, headers={"content-type": "multipart/form-data; boundary=x"})
-        broken = c.post("/v1/score", content=b"--x\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=x"})
+        broken = c.post(
+            "/v1/score", content=b"--x\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=x"}
+        )
     _err(r, 422, "no_image")
     assert broken.status_code == 422 and broken.json()["error"]
 

@@ -36,7 +36,9 @@ def test_concurrent_callers_get_their_own_rows(bundle_repo, mnist_digits):
             k, m = moves[j]
             with httpx.Client(base_url=s.url, timeout=30) as c:
                 start.wait()
-                r = c.post("/v1/score", content=moved_png(digits[picks[j]], k, m), headers={"content-type": "image/png"})
+                r = c.post(
+                    "/v1/score", content=moved_png(digits[picks[j]], k, m), headers={"content-type": "image/png"}
+                )
                 answers[j] = r.json() if r.status_code == 200 else {"status": r.status_code, "body": r.text}
 
         threads = [threading.Thread(target=call, args=(j,)) for j in range(N_CALLERS)]
@@ -106,7 +108,10 @@ def test_requests_larger_than_max_batch_still_answered_whole(bundle_repo, mnist_
 def test_request_timeout_is_504_and_the_worker_lives_on(bundle_repo, mnist_digits):
     digits, _ = mnist_digits
     body = moved_png(digits[0], 0, False)
-    with LiveServer(repository=bundle_repo, max_batch=64, max_delay_ms=800, request_timeout_s=0.2) as s, s.client() as c:
+    with (
+        LiveServer(repository=bundle_repo, max_batch=64, max_delay_ms=800, request_timeout_s=0.2) as s,
+        s.client() as c,
+    ):
         late = c.post("/v1/score", content=body, headers={"content-type": "image/png"})
         s.settings.request_timeout_s = 5.0  # the same worker, now with time to answer
         ok = c.post("/v1/score", content=body, headers={"content-type": "image/png"})

@@ -89,7 +89,11 @@ def test_symguard_score_prints_the_server_json(server, bundle_repo, tmp_path, mn
 def test_symguard_score_reports_bad_files(bundle_repo, tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not a png")
     r = subprocess.run(
-        [*SYMGUARD, "score", "--repository", str(bundle_repo), str(tmp_path / "junk.png")], capture_output=True, text=True, timeout=120, env=_env()
+        [*SYMGUARD, "score", "--repository", str(bundle_repo), str(tmp_path / "junk.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
     )
     assert r.returncode == 1 and "junk.png" in r.stderr and "supported format" in r.stderr
 
@@ -128,7 +132,12 @@ def test_serve_with_no_arguments_then_sigterm(tmp_path):
     """`symguard serve` alone: default repository, 127.0.0.1; env only moves the port so tests do not collide."""
     port = _free_port()
     proc = subprocess.Popen(
-        [*SYMGUARD, "serve"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(SYMGUARD_PORT=str(port))
+        [*SYMGUARD, "serve"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(SYMGUARD_PORT=str(port)),
     )
     try:
         _wait_live(f"http://127.0.0.1:{port}", proc)

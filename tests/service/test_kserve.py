@@ -38,7 +38,10 @@ def test_fp32_infer_matches_v1_score(server, mnist_digits):
     digits, _ = mnist_digits
     arrs = [pad29(digits[i]) for i in (10, 2010)]
     x = np.stack(arrs)[:, None].astype(np.float32) / 255.0  # manifest: mean 0, std 1
-    req = {"id": "req-7", "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    req = {
+        "id": "req-7",
+        "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+    }
     with server.client() as c:
         r = c.post("/v2/models/digits/infer", json=req)
         v1 = c.post("/v1/score", files=[("f", png(a)) for a in arrs]).json()["results"]
@@ -57,7 +60,10 @@ def test_fp32_infer_matches_v1_score(server, mnist_digits):
 def test_bytes_infer_and_output_selection(server, mnist_digits):
     digits, _ = mnist_digits
     b64 = [base64.b64encode(png(digits[i])).decode() for i in (1, 2, 3)]
-    req = {"inputs": [{"name": "image_bytes", "shape": [3], "datatype": "BYTES", "data": b64}], "outputs": [{"name": "level"}]}
+    req = {
+        "inputs": [{"name": "image_bytes", "shape": [3], "datatype": "BYTES", "data": b64}],
+        "outputs": [{"name": "level"}],
+    }
     with server.client() as c:
         r = c.post("/v2/models/digits/versions/1/infer", json=req)
     assert r.status_code == 200, r.text
@@ -90,7 +96,10 @@ def test_infer_unknown_model_and_malformed_body(server):
         malformed = c.post("/v2/models/digits/infer", json={"inputs": "x"})
         bad_output = c.post(
             "/v2/models/digits/infer",
-            json={"inputs": [{"name": "i", "shape": [1, 1, 29, 29], "datatype": "FP32", "data": [0.0] * 841}], "outputs": [{"name": "nah"}]},
+            json={
+                "inputs": [{"name": "i", "shape": [1, 1, 29, 29], "datatype": "FP32", "data": [0.0] * 841}],
+                "outputs": [{"name": "nah"}],
+            },
         )
     assert unknown.status_code == 404
     assert malformed.status_code == 422 and "inputs" in malformed.json()["error"]

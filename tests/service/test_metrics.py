@@ -39,7 +39,9 @@ def test_metrics_after_traffic(server, mnist_digits):
     assert 'endpoint="/v2/models/{name}/versions/{version}/ready"' in text  # route template, not the raw path
     assert 'endpoint="other"' in text and "/no/such/path" not in text
     assert 'symguard_model_info{model="digits",provider="CPUExecutionProvider",version="1"} 1.0' in text
-    decided = sum(float(v) for v in re.findall(r'^symguard_decisions_total{[^}]*model="digits"[^}]*} (\S+)', text, re.M))
+    decided = sum(
+        float(v) for v in re.findall(r'^symguard_decisions_total{[^}]*model="digits"[^}]*} (\S+)', text, re.M)
+    )
     assert decided >= 12
     rot90 = float(re.search(r'symguard_equivariance_error{model="digits",transform="rot90"} (\S+)', text).group(1))
     assert 0 <= rot90 < 1e-3

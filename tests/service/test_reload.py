@@ -153,7 +153,10 @@ def test_reloads_under_load_drop_no_request(admin, mnist_digits):
         t.start()
     try:
         with admin.client() as c:
-            swaps = [c.post("/v1/models/digits/reload", params={"version": v}, headers=AUTH).status_code for v in (2, 1, 2, 1)]
+            swaps = [
+                c.post("/v1/models/digits/reload", params={"version": v}, headers=AUTH).status_code
+                for v in (2, 1, 2, 1)
+            ]
     finally:
         stop.set()
         for t in threads:

@@ -59,7 +59,8 @@ def test_exif_orientation_is_applied_before_scoring(server, mnist_digits):
     as_viewed = png(np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(tagged)))))
     with server.client() as c:
         r_tagged, r_viewed, r_raw = (
-            c.post("/v1/score", content=b, headers={"content-type": "image/png"}).json()["results"][0] for b in (tagged, as_viewed, png(arr))
+            c.post("/v1/score", content=b, headers={"content-type": "image/png"}).json()["results"][0]
+            for b in (tagged, as_viewed, png(arr))
         )
     assert r_tagged == r_viewed
     assert angle_diff(r_tagged["angle_deg"], r_raw["angle_deg"]) > 1.0  # the tag really changed what was scored
@@ -92,10 +93,18 @@ def test_canonicalize_takes_exactly_one_image(server, mnist_digits):
 def test_model_query_selects_and_rejects(server, mnist_digits):
     digits, _ = mnist_digits
     with server.client() as c:
-        ok = c.post("/v1/score", params={"model": "digits:1"}, content=png(digits[0]), headers={"content-type": "image/png"})
-        unknown = c.post("/v1/score", params={"model": "nope"}, content=png(digits[0]), headers={"content-type": "image/png"})
-        bad_version = c.post("/v1/score", params={"model": "digits:7"}, content=png(digits[0]), headers={"content-type": "image/png"})
-        bad_ref = c.post("/v1/score", params={"model": "../etc"}, content=png(digits[0]), headers={"content-type": "image/png"})
+        ok = c.post(
+            "/v1/score", params={"model": "digits:1"}, content=png(digits[0]), headers={"content-type": "image/png"}
+        )
+        unknown = c.post(
+            "/v1/score", params={"model": "nope"}, content=png(digits[0]), headers={"content-type": "image/png"}
+        )
+        bad_version = c.post(
+            "/v1/score", params={"model": "digits:7"}, content=png(digits[0]), headers={"content-type": "image/png"}
+        )
+        bad_ref = c.post(
+            "/v1/score", params={"model": "../etc"}, content=png(digits[0]), headers={"content-type": "image/png"}
+        )
     assert ok.status_code == 200 and ok.json()["version"] == 1
     assert unknown.status_code == 404 and unknown.json()["code"] == "model_not_found"
     assert bad_version.status_code == 404 and "version 7" in bad_version.json()["error"]
@@ -135,8 +144,12 @@ def test_scoring_token_when_configured(bundle_repo, mnist_digits):
     body = dict(content=png(digits[0]), headers={"content-type": "image/png"})
     with LiveServer(repository=bundle_repo, api_token="score-me") as s, s.client() as c:
         missing = c.post("/v1/score", **body)
-        wrong = c.post("/v1/score", content=body["content"], headers={**body["headers"], "authorization": "Bearer nope"})
-        right = c.post("/v1/score", content=body["content"], headers={**body["headers"], "authorization": "Bearer score-me"})
+        wrong = c.post(
+            "/v1/score", content=body["content"], headers={**body["headers"], "authorization": "Bearer nope"}
+        )
+        right = c.post(
+            "/v1/score", content=body["content"], headers={**body["headers"], "authorization": "Bearer score-me"}
+        )
         health = c.get("/healthz")
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
     assert wrong.status_code == 401
