@@ -115,14 +115,19 @@ def block(c_in: int, c_out: int, size: int, stride: int, lifting: bool = False, 
 
 
 class Encoder(nn.Module):
-    """x -> (embedding [N,D] invariant, pose [N,2] = (cos φ, sin φ), reflection logit [N], hypotheses z, w, D4 logits).
+    """x -> (embedding [N,D] invariant, pose [N,2] = (cos φ, sin φ), reflection logit [N], fine hypotheses z, w,
+    D4 logits, coarse hypotheses).
 
-    The last group fields are pooled over space and mixed into one regular field: 8 logits with
-    l_h(g·x) = l_{g^-1 h}(x), so p = softmax(l) is a distribution over D4 that moves with the input. Then
-    v = Σ_h p_h ρ(h) e transforms as ρ(g) v; its rotation half z (h in C4) is the pose of an unmirrored input and
-    its mirrored half w gives the pose of a mirrored one (ψ = (φ, 1) has ρ(ψ) e = R_φ M e = -R_φ e, so R_φ e = -w).
-    The reflection logit log P(mirrored) - log P(not) is rotation invariant and flips sign under M.
-    Between the 90° steps the angle is continuous: the softmax weights of neighbouring quarter turns interpolate.
+    The last group fields are pooled over space and mixed into two regular fields, each with
+    F_h(g·x) = F_{g^-1 h}(x). For any such field v = Σ_h F_h ρ(h) e transforms as ρ(g) v; its rotation half z
+    (h in C4) is the pose of an unmirrored input and its mirrored half w gives the pose of a mirrored one
+    (ψ = (φ, 1) has ρ(ψ) e = R_φ M e = -R_φ e, so R_φ e = -w).
+    * coarse field: 8 logits, softmax = a distribution over D4. The identity prior (cross-entropy toward the
+      identity, as in prior-regularised canonicalisation) and the mirror decision live here. The reflection logit
+      log P(mirrored) - log P(not) is rotation invariant and flips sign under M.
+    * fine field: unnormalised, so its angle is continuous; trained to agree with the coarse one and to rotate
+      with the input between the exact 90° steps. It is the reported pose.
+    Peaked coarse distributions would quantise a soft-argmax angle to multiples of 90°, hence two fields.
     """
 
     def __init__(self, channels: tuple[int, ...] = (8, 16, 24), embed_dim: int = 32, in_channels: int = 1):
@@ -136,7 +141,7 @@ class Encoder(nn.Module):
             block(c2, c3, 3, 2),  # 15 -> 8
             block(c3, c3, 3, 1, dilation=2),  # 8 -> 8
         )
-        self.pose_field = nn.Linear(c3, 1)  # shared over h: a 1x1 group conv giving one regular field
+        self.pose_field = nn.Linear(c3, 2)  # shared over h: a 1x1 group conv giving two regular fields
         self.embed = nn.Sequential(nn.Linear(4 * c3, 128), nn.ReLU(), nn.Linear(128, embed_dim))
         basis = np.stack([plane_matrix(g) @ np.array([1.0, 0.0]) for g in D4])  # [8, 2]
         self.register_buffer("basis", torch.tensor(basis, dtype=torch.float32), persistent=False)
@@ -149,13 +154,16 @@ class Encoder(nn.Module):
         # pooling over the orbit (mean and max over the 8 group channels) makes it invariant
         inv = torch.cat([f.mean(-1), f.amax(-1), fmax.mean(-1), fmax.amax(-1)], dim=1)
         emb = self.embed(inv)
-        logits = self.pose_field(f.transpose(1, 2))[..., 0]  # [N, 8]
+        fields = self.pose_field(f.transpose(1, 2))  # [N, 8, 2]
+        logits, cont = fields[..., 0], fields[..., 1]
+        # coarse: a distribution over D4 (the identity prior and the mirror decision live here)
         p = torch.softmax(logits, dim=1)
-        z = p[:, :4] @ self.basis[:4]
-        wv = p[:, 4:] @ self.basis[4:]
+        z_coarse, w_coarse = p[:, :4] @ self.basis[:4], p[:, 4:] @ self.basis[4:]
         logit = torch.logsumexp(logits[:, 4:], dim=1) - torch.logsumexp(logits[:, :4], dim=1)
+        # fine: an unnormalised equivariant vector per hypothesis, free to point at any angle
+        z, wv = cont[:, :4] @ self.basis[:4], cont[:, 4:] @ self.basis[4:]
         pose = torch.where((logit > 0)[:, None], -wv, z)
-        return emb, pose, logit, z, -wv, logits
+        return emb, pose, logit, z, -wv, logits, z_coarse, -w_coarse
 
 
 class Decoder(nn.Module):
