@@ -46,7 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts the body-limit 413s too
+    # RequestMetrics is added last, so it is outermost and also counts BodyLimit's early 413s.
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=[*v1_router.routes, *v2_router.routes])
     _install_error_handlers(app)
     app.include_router(v1_router)
     app.include_router(v2_router)

@@ -59,9 +59,18 @@ class Batcher:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.runtime.name}")
+        self._task.add_done_callback(self._log_death)
+
+    def _log_death(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "batching worker for %s:%s died", self.runtime.name, self.runtime.version, exc_info=task.exception()
+            )
 
     async def submit(self, x: np.ndarray) -> Result:
         """Queue x for the next batch and wait for its own rows. Cancelling the wait drops the job."""
+        if self._task is not None and self._task.done() and not self._closing:  # a bug, not a state: say so, don't hang
+            raise InferenceFailed(f"the batching worker of {self.runtime.name}:{self.runtime.version} has stopped")
         if self._closing:
             raise ShuttingDown(
                 f"model {self.runtime.name}:{self.runtime.version} is being replaced or shut down; retry"

@@ -83,7 +83,13 @@ def decode_all(images: list[Encoded], max_pixels: int) -> list[Image.Image]:
 
 
 def to_batch(images: list[Image.Image], spec: InputSpec) -> np.ndarray:
-    return np.stack([to_model_input(img, spec) for img in images])
+    rows = []
+    for i, img in enumerate(images):
+        try:
+            rows.append(to_model_input(img, spec))
+        except (ValueError, OSError) as e:  # an exotic pixel mode Pillow cannot convert
+            raise UnsupportedMediaType(f"image {i} (mode {img.mode}) cannot be converted for the model: {e}") from None
+    return np.stack(rows)
 
 
 def prepare_batch(images: list[Encoded], spec: InputSpec, max_pixels: int) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, error_response
@@ -47,9 +48,10 @@ class BodyLimit:
 class RequestMetrics:
     """symguard_requests_total{endpoint,code} and latency, labelled by route template (bounded), never the raw path."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: list[BaseRoute]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # to label requests answered before routing (the early 413s of BodyLimit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,7 +68,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
+            route = scope.get("route") or next((r for r in self.routes if r.matches(scope)[0] == Match.FULL), None)
             endpoint = getattr(route, "path", None) or "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - t0)

@@ -28,7 +28,9 @@ def _err(r, status: int, code: str) -> None:
 def test_body_over_limit_is_413_from_content_length(tight):
     with tight.client() as c:
         r = c.post("/v1/score", content=b"\0" * 300_000, headers=PNG)
+        metrics = c.get("/metrics").text
     _err(r, 413, "payload_too_large")
+    assert 'symguard_requests_total{code="413",endpoint="/v1/score"}' in metrics  # labelled although never routed
 
 
 def test_chunked_body_over_limit_is_413_while_streaming(tight):
