@@ -59,6 +59,9 @@ class Registry:
                 raise  # require_cuda: refusing to start is the point
             except BundleError as e:
                 log.error("model %s not loaded: %s", name, e.message)
+            except ModelNotFound as e:  # e.g. --model names a version that is not on disk
+                self.unavailable[name] = e.message
+                log.error("model %s not loaded: %s", name, e.message)
         self.metrics.ready.set(1 if self.ready else 0)
 
     async def close(self) -> None:

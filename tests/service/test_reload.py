@@ -183,6 +183,12 @@ def test_startup_self_check_failure_keeps_the_server_unready(repo, tmp_path, mni
     assert models == [{**models[0], "name": "digits", "state": "unavailable"}]
 
 
+def test_pin_to_a_missing_version_is_live_but_not_ready(repo):
+    with LiveServer(repository=repo, model="digits:99") as s, s.client() as c:
+        ready = c.get("/readyz")
+    assert ready.status_code == 503 and "no version 99" in ready.json()["problems"]["digits"]
+
+
 def test_empty_repository_is_live_but_not_ready(tmp_path):
     with LiveServer(repository=tmp_path / "nothing-here") as s, s.client() as c:
         assert c.get("/healthz").status_code == 200
