@@ -34,10 +34,11 @@ class GraphOutputs:
         return len(self.reflection_logit)
 
     def rows(self, start: int, stop: int) -> GraphOutputs:
-        cl = None if self.class_logits is None else self.class_logits[start:stop]
-        return GraphOutputs(
-            self.pose[start:stop], self.reflection_logit[start:stop], self.embedding[start:stop], self.level[start:stop], cl
-        )
+        return self.take(slice(start, stop))
+
+    def take(self, idx: slice | np.ndarray) -> GraphOutputs:
+        cl = None if self.class_logits is None else self.class_logits[idx]
+        return GraphOutputs(self.pose[idx], self.reflection_logit[idx], self.embedding[idx], self.level[idx], cl)
 
     @staticmethod
     def concat(parts: list[GraphOutputs]) -> GraphOutputs:

@@ -6,11 +6,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def test_bundle(tmp_path_factory) -> Path:
-    """An untrained (but exactly equivariant and calibrated) bundle written by the real export path."""
-    from models.export import write_test_bundle
-
-    return write_test_bundle(tmp_path_factory.mktemp("repo"), name="digits", version=1)
+def test_bundle(bundle_repo) -> Path:
+    """The shared untrained (but exactly equivariant and calibrated) bundle, written by the real export path."""
+    return bundle_repo / "digits" / "1"
 
 
 @pytest.fixture(scope="session")
