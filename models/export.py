@@ -206,6 +206,7 @@ def build_bundle(
         raise FileExistsError(f"{final} exists: bundles are immutable, export a new version")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by whoever runs the server
     try:
         in_spec = src.input.model_copy(update={"name": "image"})
         names = export_onnx(model, tmp / GRAPH_FILE, in_spec, with_classes=model.class_head is not None)
