@@ -1,4 +1,4 @@
-"""Training-side subcommands of `symguard`: train, export, eval, standardize. Imported lazily by service/cli.py."""
+"""Training-side subcommands of `symguard`: train, export, eval, eval-guard, standardize. Imported lazily by service/cli.py."""
 
 from __future__ import annotations
 
@@ -62,6 +62,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_guard(a: argparse.Namespace) -> int:
+    from models.guard_eval import evaluate
+
+    report = evaluate(model=a.model, repository=a.repository, n=a.n, seed=a.seed, via=a.via, concurrency=a.concurrency)
+    print(report.model_dump_json(indent=2) if a.json else report.table())
+    return 0
+
+
 def cmd_standardize(a: argparse.Namespace) -> int:
     from models.standardize import standardize
 
@@ -103,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default=None, help="where eval.json, eval.txt and levels.png go")
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("eval-guard", help="the demo classifier's accuracy on posed test digits, direct and through `symguard guard`")
+    g.add_argument("--model", default=None, help="bundle NAME[:VERSION] for the guard (default: mnist if present, else the default)")
+    g.add_argument("--repository", type=Path, default=None, help="model repository (default: models/repository)")
+    g.add_argument("--n", type=int, default=500, help="test digits per row (at most the test split's size)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--via", choices=["guard", "serve"], default="guard",
+                   help="guard: `symguard guard` processes; serve: client-side /v1/canonicalize and /v1/score")  # fmt: skip
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    g.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    g.set_defaults(fn=cmd_eval_guard)
 
     s = sub.add_parser("standardize", help="write de-rotated, de-mirrored copies of a folder of images")
     s.add_argument("src")

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-TRAINING = ("train", "export", "eval", "standardize")
+TRAINING = ("train", "export", "eval", "eval-guard", "standardize")
 RESERVED = ("guard", "bench")  # planned subcommands
 
 USAGE = """usage: symguard COMMAND [ARGS...]
@@ -23,6 +23,7 @@ training (needs the [train] extra):
   train            learn pose and symmetry level from a dataset spec or image folder, export a bundle
   export           export a finished run as a new bundle version
   eval             quality table for a bundle
+  eval-guard       demo classifier accuracy on rotated/mirrored test digits, direct and through the guard
   standardize      write de-rotated, de-mirrored copies of a folder
 """
 
