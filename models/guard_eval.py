@@ -4,7 +4,7 @@ sent straight to it and through `symguard guard`, with every piece a real proces
 Processes started (and stopped again):
   upstream     python -m service.demo.upstream          the demo CNN (service/demo/classifier.onnx), trained upright
   canonicalize symguard guard --mode canonicalize       de-rotates and de-mirrors each image, then forwards it
-  gate         symguard guard --mode gate               forwards in-distribution images, answers OOD ones with a 4xx
+  gate         symguard guard --mode gate               forwards in-distribution images, answers OOD ones with a 422
 
 Images: n test digits (models.datasets test split: never trained on, neither by the classifier nor by a bundle),
 the same digits in every row, each 28x28 digit posed about its own centre with models.datasets.apply_pose (the
@@ -240,11 +240,11 @@ def _prediction(r: httpx.Response) -> Outcome:
 
 
 def _is_rejection(r: httpx.Response) -> bool:
-    """A gate rejection: a 4xx JSON answer from the guard itself (an upstream error would come back as 5xx/200)."""
-    if not 400 <= r.status_code < 500 or "json" not in r.headers.get("content-type", ""):
+    """The gate's refusal: 422 {"code": "ood_input", ...}. Any other 4xx (a bad image, say) is an error, not a reject."""
+    if r.status_code != 422 or "json" not in r.headers.get("content-type", ""):
         return False
     body = r.json()
-    return isinstance(body, dict) and (body.get("verdict") == "ood" or "ood" in str(body.get("code", "")))
+    return isinstance(body, dict) and body.get("code") == "ood_input"
 
 
 Send = Callable[[httpx.AsyncClient, bytes], Awaitable[Outcome]]
@@ -359,7 +359,10 @@ def evaluate(
     specs: list[tuple[str, list[str], int]] = [("upstream", ["-m", "service.demo.upstream", "--port", str(up)], up)]
     if via == "guard":
         for name, port in (("canonicalize", a), ("gate", b)):
-            args = ["guard", "--upstream", upstream_url, "--mode", name, "--port", str(port), "--model", model]
+            args = ["guard", "--upstream", upstream_url, "--mode", name, "--port", str(port), "--model", model,
+                    # A request the guard could not score must not slip through unguarded and count as guarded:
+                    # fail closed (a 503, counted as an error) and allow slow scoring on a busy machine.
+                    "--on-failure", "fail_closed", "--score-timeout-s", "30"]  # fmt: skip
             specs.append((name, ["-m", "service.cli", *args], port))
     else:
         specs.append(("serve", ["-m", "service.cli", "serve", "--port", str(a), "--model", model], a))
