@@ -35,7 +35,7 @@ class TrainConfig:
     steps: int = 1000  # autoencoder steps
     batch: int = 64  # (each step also runs a rotated copy of the batch)
     lr: float = 2e-3
-    pose_prior: float = 0.05  # weight of the L1 pull of the fine pose toward the identity
+    pose_prior: float = 1.0  # weight of the pull of the fine pose toward the identity (and of R_δx toward δ)
     mirror_prior: float = 0.1  # weight of the pull of P(mirrored) toward 0
     prior_steps: int = 300  # first steps train only the identity prior (the gauge learns fastest alone)
     symmetry_breaking: float = 1.0  # cross-entropy toward the identity of D4, annealed over the first 30% ...
@@ -153,13 +153,28 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
 
 
 def prior_loss(enc: Encoder, x: torch.Tensor, cfg: TrainConfig):
-    """Warm-up: only the identity prior on the coarse D4 distribution and the mirror. Alone it finds "which way is
-    up" within a few hundred steps (median coarse pose error ~28° after 300 steps); mixed with the other terms
-    from step 0 it did not move in 1,000 (models/RESULTS.md)."""
-    _, _, logit, _, _, logits, _, _ = enc(x)
-    ce = F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long))
-    mirror_pull = F.binary_cross_entropy_with_logits(logit, torch.zeros_like(logit))
-    return ce + cfg.mirror_prior * mirror_pull, {"ce": ce.item(), "p_mirror": torch.sigmoid(logit).mean().item()}
+    """Warm-up: only the identity prior (coarse D4 distribution, mirror, and the fine pull on x and on a rotated
+    copy). Alone it finds "which way is up" within a few hundred steps; mixed with the other terms from step 0 it
+    did not move in 1,000 (models/RESULTS.md)."""
+    n = len(x)
+    delta = (torch.rand(n) * 2 - 1) * torch.pi
+    _, _, logit, z, w, logits, _, _ = enc(torch.cat([x, rotate(x, torch.cos(delta), torch.sin(delta))]))
+    p = torch.sigmoid(logit)
+    ce = F.cross_entropy(logits[:n], torch.zeros(n, dtype=torch.long))
+    mirror_pull = F.binary_cross_entropy_with_logits(logit[:n], torch.zeros(n))
+    pull = gauge_pull(z, w, p, delta)
+    loss = ce + cfg.mirror_prior * mirror_pull + cfg.pose_prior * pull
+    return loss, {"ce": ce.item(), "pull": pull.item(), "p_mirror": p[:n].mean().item()}
+
+
+def gauge_pull(z: torch.Tensor, w: torch.Tensor, p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """1 − cos(ψ − target) for a batch [x; R_δ x]: the pose of x is pulled toward the identity and that of its
+    rotated copy toward δ. This is the anchor's pull (centre every orbit at 0); the copy carries it to the angles
+    between the exact 90° steps. Each hypothesis (unmirrored z, mirrored w) is weighted by its probability."""
+    target = torch.cat([torch.zeros_like(delta), delta])
+    d = torch.stack([torch.cos(target), torch.sin(target)], 1)
+    unit = lambda v: v / (v.norm(dim=1, keepdim=True) + 1e-6)  # noqa: E731
+    return ((1 - p) * (1 - (unit(z) * d).sum(1)) + p * (1 - (unit(w) * d).sum(1))).mean()
 
 
 def autoencoder_loss(enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConfig, symmetry_breaking: float):
@@ -167,7 +182,8 @@ def autoencoder_loss(enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConf
 
     recon        x from the canonical decoding of the invariant embedding, put back under both pose hypotheses
                  (unmirrored: x = R_φ c, mirrored: x = R_φ M c), weighted by P(mirrored)
-    pull         L1 pull of the reported angle toward 0 (and of P(mirrored) toward 0): centres every orbit at 0
+    pull         pull of the angle toward 0 on x and toward δ on x' (and of P(mirrored) toward 0): centres
+                 every orbit at 0
     consistency  ψ(x') = R_δ ψ(x): the network is exact for 90° steps, this teaches the angles in between
     contrast     InfoNCE between embeddings of x and x': an invariant embedding whose neighbours share a shape
     """
@@ -176,6 +192,7 @@ def autoencoder_loss(enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConf
     cos_d, sin_d = torch.cos(delta), torch.sin(delta)
     x2 = rotate(x, cos_d, sin_d)
     emb, _, logit, z, w, logits, zc, wc = enc(torch.cat([x, x2]))
+    logit_all = logit
     (emb, emb2), (logit, _), (z, z2), (w, w2) = emb.split(n), logit.split(n), z.split(n), w.split(n)
 
     unit = lambda v: v / (v.norm(dim=1, keepdim=True) + 1e-6)  # noqa: E731
@@ -186,8 +203,7 @@ def autoencoder_loss(enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConf
     p = torch.sigmoid(logit)
     recon = ((1 - p) * rec0 + p * rec1).mean()
 
-    angle = lambda u: torch.atan2(u[:, 1], u[:, 0]).abs()  # noqa: E731
-    pull = ((1 - p) * angle(zu) + p * angle(wu)).mean()
+    pull = gauge_pull(torch.cat([z, z2]), torch.cat([w, w2]), torch.sigmoid(logit_all), delta)
     # the same pull for the mirror: most training data is unmirrored, so "unmirrored" is the canonical side
     mirror_pull = F.binary_cross_entropy_with_logits(logit, torch.zeros_like(logit))
     # the identity prior on the coarse D4 distribution (prior-regularised canonicalisation) sets the gauge; the
@@ -206,7 +222,7 @@ def autoencoder_loss(enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConf
 
     loss = (recon + cfg.pose_prior * pull + cfg.mirror_prior * mirror_pull + symmetry_breaking * ce
             + cfg.align * align + cfg.consistency * consistency + cfg.contrast * contrast)
-    return loss, {"recon": recon.item(), "ce": ce.item(), "cons": consistency.item(), "align": align.item(), "p_mirror": p.mean().item()}
+    return loss, {"recon": recon.item(), "ce": ce.item(), "cons": consistency.item(), "align": align.item(), "pull": pull.item(), "p_mirror": p.mean().item()}
 
 
 @torch.no_grad()
