@@ -1,11 +1,14 @@
 """The HTTP application: assembles settings, metrics, the model registry, middleware, routes and the one place
 where typed errors become HTTP responses. Routes live in routes_v1.py (/v1, health, metrics) and kserve.py (/v2).
+
+`symguard guard` builds on the same app: it moves /v1, /v2 and the docs under `api_prefix` (health and metrics
+stay at the root), adds its own lifespan work through `extra_lifespan`, and appends its catch-all proxy route.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,11 +22,19 @@ from service.kserve import router as v2_router
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics
 from service.registry import Registry
+from service.routes_v1 import health_router
 from service.routes_v1 import router as v1_router
 from service.serving import json_response
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    api_prefix: str = "",
+    extra_lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+) -> FastAPI:
+    """The server app. `api_prefix` ("" or "/something") moves the /v1 and /v2 routes and the docs under it;
+    `extra_lifespan` runs inside the registry's lifespan (started after the models, stopped before them)."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -33,7 +44,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         await registry.start()
         try:
-            yield
+            if extra_lifespan is None:
+                yield
+            else:
+                async with extra_lifespan(app):
+                    yield
         finally:
             await registry.close()  # queued requests finish before the workers stop
 
@@ -42,15 +57,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Per-image rotation/reflection out-of-distribution detection, served from ONNX Runtime.",
         lifespan=lifespan,
+        docs_url=f"{api_prefix}/docs",
+        redoc_url=f"{api_prefix}/redoc",
+        openapi_url=f"{api_prefix}/openapi.json",
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     # RequestMetrics is added last, so it is outermost and also counts BodyLimit's early 413s.
-    app.add_middleware(RequestMetrics, metrics=metrics, routes=[*v1_router.routes, *v2_router.routes])
+    routes = [*health_router.routes, *v1_router.routes, *v2_router.routes]  # labels are the unprefixed templates
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=routes)
     _install_error_handlers(app)
-    app.include_router(v1_router)
-    app.include_router(v2_router)
+    app.include_router(health_router)
+    app.include_router(v1_router, prefix=api_prefix)
+    app.include_router(v2_router, prefix=api_prefix)
     return app
 
 

@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 
 TRAINING = ("train", "export", "eval", "eval-guard", "standardize")
-RESERVED = ("guard", "bench")  # planned subcommands
+RESERVED = ("bench",)  # planned subcommands
 
 USAGE = """usage: symguard COMMAND [ARGS...]
 
 serving (no torch):
   serve            HTTP server; `symguard serve --help` lists every setting (also SYMGUARD_* env vars)
+  guard            the server as a proxy in front of a classifier: --upstream URL --mode monitor|annotate|gate|
+                   canonicalize; `symguard guard --help` lists every setting (also SYMGUARD_GUARD_* env vars)
   score IMAGE...   print the server's /v1/score JSON for local images, no server needed
 
 training (needs the [train] extra):
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(rest)
     if cmd == "score":
         return cmd_score(rest)
+    if cmd == "guard":
+        return cmd_guard(rest)
     if cmd in TRAINING:
         try:
             from models.cli import main as training_main  # lazy: this is where torch comes in
@@ -60,6 +64,23 @@ def cmd_serve(args: list[str]) -> int:
 
     settings = CliApp.run(Settings, cli_args=args)
     return serve(settings)
+
+
+def cmd_guard(args: list[str]) -> int:
+    from pydantic import ValidationError
+    from pydantic_settings import CliApp
+
+    from service.guard_app import create_guard_app
+    from service.guard_config import GuardSettings
+    from service.server import serve
+
+    try:
+        settings = CliApp.run(GuardSettings, cli_args=args)
+    except ValidationError as e:  # e.g. no --upstream: say which setting, not a traceback
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+        print(f"symguard guard: {problems} (see symguard guard --help)", file=sys.stderr)
+        return 2
+    return serve(settings, create_guard_app)
 
 
 def cmd_score(args: list[str]) -> int:

@@ -99,6 +99,35 @@ class ShuttingDown(SymguardError):
     headers = {"Retry-After": "1"}
 
 
+# ---- the guard proxy (`symguard guard`): its own answers, never the upstream's
+
+
+class OodInput(SymguardError):
+    """Gate mode refused an image outside the learned poses. 422: the request is well-formed but its content is
+    outside what the classifier behind the guard can handle; sending it again will not help (unlike a 503)."""
+
+    status, code = 422, "ood_input"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None, **detail: object) -> None:
+        super().__init__(message, **detail)
+        self.headers = headers or {}  # the X-Symguard-* score headers, so a rejection carries its evidence
+
+
+class ScoringUnavailable(SymguardError):
+    """fail_closed: the image could not be scored in time (or at all), so it is not forwarded."""
+
+    status, code = 503, "scoring_unavailable"
+    headers = {"Retry-After": "1"}
+
+
+class UpstreamUnavailable(SymguardError):
+    status, code = 502, "upstream_unavailable"
+
+
+class UpstreamTimeout(SymguardError):
+    status, code = 504, "upstream_timeout"
+
+
 # ---- loading a bundle (reported by reload as 409; at startup they keep the server unready)
 
 

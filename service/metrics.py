@@ -8,11 +8,13 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from service.runtime import cuda_fell_back
 from service.scoring import ImageScore
 
 MAX_GROUP_LABELS = 64  # a manifest with more groups folds the rest into "other"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
+ANGLE_BUCKETS = (5.0, 10.0, 15.0, 22.5, 30.0, 45.0, 60.0, 90.0, 120.0, 150.0, 180.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -37,6 +39,13 @@ class Metrics:
         self.ood_score = Histogram(
             "symguard_ood_score", "Per-image score (>1 means OOD).", ["model"], buckets=SCORE_BUCKETS, registry=r
         )
+        self.angle = Histogram(
+            "symguard_angle_degrees",
+            "Per-image |rotation angle| the pose network measured, 0..180.",
+            ["model"],
+            buckets=ANGLE_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
             "symguard_batch_size", "Images per session.run.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
@@ -52,6 +61,12 @@ class Metrics:
             "symguard_model_info",
             "Served model version and its real execution provider.",
             ["model", "version", "provider"],
+            registry=r,
+        )
+        self.provider_fallback = Gauge(
+            "symguard_provider_fallback",
+            "1 when this ONNX Runtime build offers CUDAExecutionProvider but the model runs on something else.",
+            ["model"],
             registry=r,
         )
         self.equivariance_error = Gauge(
@@ -70,6 +85,7 @@ class Metrics:
             group = row.group if row.group in groups else "other"
             self.decisions.labels(row.model, row.verdict, row.reason or "none", group).inc()
             self.ood_score.labels(row.model).observe(row.score)
+            self.angle.labels(row.model).observe(abs(row.angle_deg))
 
     def model_loaded(
         self, name: str, version: int, provider: str, errors: dict[str, float], previous: tuple[int, str] | None
@@ -80,9 +96,63 @@ class Metrics:
             except KeyError:
                 pass
         self.model_info.labels(name, str(version), provider).set(1)
+        self.provider_fallback.labels(name).set(1 if cuda_fell_back(provider) else 0)
         self.reload_failures.labels(name)  # expose the series at 0, so alerts can use increase() from the start
         for transform, err in errors.items():
             self.equivariance_error.labels(name, transform).set(err)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------- symguard guard
+
+GUARD_OUTCOMES = ("forwarded", "blocked", "no_image", "bad_image", "fail_open", "fail_closed", "upstream_error")
+GUARD_FAIL_OPEN_REASONS = ("timeout", "error")
+GUARD_UPSTREAM_ERROR_KINDS = ("connect", "timeout", "other")
+UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class GuardMetrics:
+    """The proxy's own counters, in the app's registry. Every label value is pre-created at 0 so that increase()
+    and rate() work from the first scrape. Per-image verdicts still go through Metrics.record_rows (the batcher)."""
+
+    def __init__(self, metrics: Metrics, mode: str) -> None:
+        r = metrics.registry
+        self.mode = mode
+        self.requests = Counter(
+            "symguard_guard_requests",
+            "Requests through the guard proxy, by mode and what became of them.",
+            ["mode", "outcome"],
+            registry=r,
+        )
+        self.fail_open = Counter(
+            "symguard_guard_fail_open",
+            "Requests forwarded unscored because scoring timed out or failed.",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "symguard_guard_upstream_errors", "Failed upstream exchanges, by kind.", ["kind"], registry=r
+        )
+        self.upstream_duration = Histogram(
+            "symguard_guard_upstream_duration_seconds",
+            "Time from sending a request upstream to its response headers (or the failure).",
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        for outcome in GUARD_OUTCOMES:
+            self.requests.labels(mode, outcome)
+        for reason in GUARD_FAIL_OPEN_REASONS:
+            self.fail_open.labels(reason)
+        for kind in GUARD_UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(kind)
+
+    def outcome(self, outcome: str) -> None:
+        self.requests.labels(self.mode, outcome).inc()
+
+    def failed_open(self, reason: str) -> None:
+        self.fail_open.labels(reason).inc()
+
+    def upstream_error(self, kind: str) -> None:
+        self.upstream_errors.labels(kind).inc()

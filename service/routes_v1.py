@@ -1,4 +1,4 @@
-"""/v1 routes (score, canonicalize, models, reload), health and metrics.
+"""/v1 routes (score, canonicalize, models, reload), and health and metrics (on their own router).
 
 Handlers stay thin: parse -> decode on a thread -> batcher -> response. Errors are raised as SymguardError
 subclasses and turned into responses by api.py's one handler.
@@ -6,26 +6,25 @@ subclasses and turned into responses by api.py's one handler.
 
 from __future__ import annotations
 
-import io
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service.auth import require_admin, require_api
 from service.config import Settings
 from service.errors import BadRequest
-from service.geometry import canonicalize
 from service.inputs import decode_all, read_images, to_batch
 from service.metrics import CONTENT_TYPE
-from service.preprocess import to_mode
 from service.registry import Registry
 from service.schemas import ErrorBody, ModelInfo, ModelsResponse, ReadyResponse, ScoreResponse, SelfCheckInfo
-from service.serving import ERRORS, infer, json_response, model_ref, registry_of, served_model
+from service.serving import (
+    ERRORS, infer, json_response, model_ref, registry_of, score_one, served_model, upright_png,
+)  # fmt: skip
 
 router = APIRouter()
+health_router = APIRouter()  # /healthz, /readyz, /metrics: always at the root, even where /v1 moves under a prefix
 
 IMAGE_BODY_DOC: dict[str, Any] = {
     "requestBody": {
@@ -82,11 +81,9 @@ async def canonicalize_image(request: Request, model: ModelQuery = None) -> Resp
     images = await read_images(request, settings)
     if len(images) != 1:
         raise BadRequest(f"canonicalize takes exactly one image, got {len(images)}")
-    spec = served.runtime.manifest.input
-    decoded = await run_in_threadpool(decode_all, images, settings.max_pixels)
-    x = await run_in_threadpool(to_batch, decoded, spec)
-    row = (await infer(request, served, x, ref)).rows[0]
-    png = await run_in_threadpool(_upright_png, decoded[0], row.angle_deg, row.reflected, spec.background)
+    scored = await score_one(request, served, ref, images[0])
+    row = scored.row
+    png = await run_in_threadpool(upright_png, scored)
     headers = {
         "X-Symguard-Model": row.model, "X-Symguard-Version": str(row.version),
         "X-Symguard-Angle-Deg": f"{row.angle_deg:g}", "X-Symguard-Reflected": str(row.reflected).lower(),
@@ -119,12 +116,12 @@ async def reload(request: Request, name: str, version: Annotated[int | None, Que
     return Response(info.model_dump_json().encode(), media_type="application/json")
 
 
-@router.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+@health_router.get("/healthz", tags=["health"], summary="Liveness: the process answers")
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get(
+@health_router.get(
     "/readyz",
     tags=["health"],
     response_model=ReadyResponse,
@@ -143,24 +140,9 @@ async def readyz(request: Request) -> Response:
     return Response(body.model_dump_json().encode(), 200 if reg.ready else 503, media_type="application/json")
 
 
-@router.get("/metrics", tags=["health"], response_class=Response, summary="Prometheus metrics")
+@health_router.get("/metrics", tags=["health"], response_class=Response, summary="Prometheus metrics")
 async def metrics_endpoint(request: Request) -> Response:
     return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE)
-
-
-def _upright_png(img: Image.Image, angle_deg: float, reflected: bool, background: float) -> bytes:
-    """The decoded (EXIF-applied) original at full resolution, turned back: rotate by -φ, then undo the mirror."""
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        img = to_mode(img, 1)  # high bit depth: scaled to 8-bit, as the model saw it
-    elif img.mode not in ("L", "RGB", "RGBA"):
-        img = img.convert(
-            "RGBA" if "A" in img.getbands() or "transparency" in img.info else "L" if img.mode == "1" else "RGB"
-        )
-    v = round(background * 255)
-    fill: int | tuple[int, ...] = {"L": v, "RGB": (v, v, v), "RGBA": (v, v, v, 0)}[img.mode]
-    buf = io.BytesIO()
-    canonicalize(img, angle_deg, reflected, fill=fill).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _model_infos(reg: Registry) -> list[ModelInfo]:

@@ -44,6 +44,11 @@ class SelfCheck:
         return not self.problems
 
 
+def cuda_fell_back(provider: str) -> bool:
+    """True when this ONNX Runtime build offers CUDA but a session ended up on `provider` instead (drivers, cuDNN)."""
+    return "CUDAExecutionProvider" in ort.get_available_providers() and provider != "CUDAExecutionProvider"
+
+
 class ModelRuntime:
     def __init__(self, bundle: Bundle, intra_op_threads: int, require_cuda: bool = False) -> None:
         self.bundle = bundle

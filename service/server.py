@@ -7,7 +7,8 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import onnxruntime as ort
 import uvicorn
@@ -36,7 +37,8 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, app_factory: Callable[[Any], Any] | None = None) -> int:
+    """Run create_app(settings), or app_factory(settings) (`symguard guard` passes create_guard_app)."""
     configure_logging(settings.log_level)
     if settings.require_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
         log.error(
@@ -46,7 +48,7 @@ def serve(settings: Settings) -> int:
     from service.api import create_app
 
     config = uvicorn.Config(
-        create_app(settings),
+        (app_factory or create_app)(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),

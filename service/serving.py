@@ -1,19 +1,28 @@
-"""What the /v1 and /v2 routes share: model lookup, inference through the batcher, JSON responses, error docs."""
+"""What the /v1 and /v2 routes and the guard share: model lookup, inference through the batcher, scoring and
+canonicalizing one image, JSON responses, error docs."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from service.batching import Result
 from service.errors import InferenceTimeout, ShuttingDown
+from service.geometry import canonicalize
+from service.inputs import Encoded, decode_all, to_batch
+from service.preprocess import to_mode
 from service.registry import Registry, Served
 from service.repository import ModelRef
 from service.schemas import ErrorBody
+from service.scoring import ImageScore
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": why}
@@ -62,3 +71,38 @@ async def infer(request: Request, served: Served, x: Any, ref: ModelRef | None) 
             return await asyncio.wait_for(current.batcher.submit(x), timeout)
     except TimeoutError:
         raise InferenceTimeout(f"no result within {timeout:g}s") from None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One image's score, with the decoded original kept for canonicalizing it."""
+
+    row: ImageScore
+    image: Image.Image  # decoded, EXIF applied, full resolution
+    background: float  # the manifest's fill value for corners uncovered by the rotation
+
+
+async def score_one(request: Request, served: Served, ref: ModelRef | None, image: Encoded) -> Scored:
+    """Decode (on a thread), preprocess and score one image. Decode errors are 4xx; the rest comes from infer()."""
+    settings = request.app.state.settings
+    spec = served.runtime.manifest.input
+    decoded = await run_in_threadpool(decode_all, [image], settings.max_pixels)
+    x = await run_in_threadpool(to_batch, decoded, spec)
+    row = (await infer(request, served, x, ref)).rows[0]
+    return Scored(row, decoded[0], spec.background)
+
+
+def upright_png(scored: Scored) -> bytes:
+    """The decoded original at full resolution, turned back: rotate by -φ, then undo the mirror. Blocking."""
+    img = scored.image
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = to_mode(img, 1)  # high bit depth: scaled to 8-bit, as the model saw it
+    elif img.mode not in ("L", "RGB", "RGBA"):
+        img = img.convert(
+            "RGBA" if "A" in img.getbands() or "transparency" in img.info else "L" if img.mode == "1" else "RGB"
+        )
+    v = round(scored.background * 255)
+    fill: int | tuple[int, ...] = {"L": v, "RGB": (v, v, v), "RGBA": (v, v, v, 0)}[img.mode]
+    buf = io.BytesIO()
+    canonicalize(img, scored.row.angle_deg, scored.row.reflected, fill=fill).save(buf, format="PNG")
+    return buf.getvalue()
