@@ -153,8 +153,10 @@ def repeat(split: Split, copies: int) -> Split:
 
 
 def true_levels(spec: DatasetSpec, labels: torch.Tensor, classes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Ground-truth (width in degrees, reflection rate) per example, for evaluation only."""
+    """Ground-truth (level in degrees, reflection rate) per example, for evaluation only. The level is the width
+    (uniform, gaussian) or, for cyclic classes, half the period: 180°/order, as the level head learns it."""
     names = classes or []
-    w = np.array([spec.symmetry_of(names[i] if 0 <= i < len(names) else None).width_deg for i in labels.tolist()])
-    r = np.array([spec.symmetry_of(names[i] if 0 <= i < len(names) else None).reflection_rate for i in labels.tolist()])
+    syms = [spec.symmetry_of(names[i] if 0 <= i < len(names) else None) for i in labels.tolist()]
+    w = np.array([180.0 / s.order if s.rotation == "cyclic" else s.width_deg for s in syms])
+    r = np.array([s.reflection_rate for s in syms])
     return w, r

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from models.datasets import Source, apply_pose, draw_poses, load_source, repeat, true_levels
 from service.manifest import DatasetSpec, InputSpec, Manifest
-from service.scoring import score_arrays
+from service.scoring import rotation_excess, score_arrays
 
 IN_DIST_DRAWS = 4
 
@@ -101,8 +101,11 @@ def evaluate_bundle(manifest: Manifest, sess, src: Source, spec: DatasetSpec, se
     rot = (torch.rand(n, generator=gen) * 2 - 1) * 180.0
     a_rot = score_arrays(run_graph(sess, names, norm(apply_pose(src.test.images, rot, torch.zeros(n, dtype=torch.bool)))), manifest)
     tw1, _ = true_levels(spec, src.test.labels, classes)
-    truth = np.abs(rot.numpy()) > tw1
-    pred, hard = a_rot.ood, np.abs(a_rot.angle_deg) > a_rot.rotation_level
+    family = manifest.group.rotation
+    true_excess, true_limit = rotation_excess(rot.numpy(), tw1, family)  # cyclic: off the class's group by > period/4
+    truth = true_excess > true_limit
+    excess, limit = rotation_excess(a_rot.angle_deg, a_rot.rotation_level, family)
+    pred, hard = a_rot.ood, excess > limit
 
     # reflection OOD: in-distribution rotation, mirror half of them; OOD = mirrored where the class is never mirrored
     refl_auroc = refl_acc = None

@@ -142,12 +142,15 @@ def equivariance_errors(sess: ort.InferenceSession, names: OutputNames, x: np.nd
 # ---------------------------------------------------------------- calibration and probes
 
 
-def calibrate(sess, names, src: Source, spec: DatasetSpec, classes, centroids, alpha: float, min_level: float, seed: int):
+def calibrate(
+    sess, names, src: Source, spec: DatasetSpec, classes, centroids, alpha: float, min_level: float, seed: int,
+    family: str = "uniform",
+):
     gen = torch.Generator().manual_seed(seed + 101)
     pool = repeat(src.calib, CALIBRATION_DRAWS if spec.augment else 1)
     x, _, _ = sample(spec, pool, src.classes, gen)
     out = run_graph(sess, names, x.numpy())
-    _, _, s_rot, s_ref = nonconformity(out, min_level)
+    _, _, s_rot, s_ref = nonconformity(out, min_level, family)
     if classes and names.class_logits:
         group_by, group_names = "class", list(classes)
     elif centroids:
@@ -217,7 +220,7 @@ def build_bundle(
         if diff > PARITY_TOL:
             raise RuntimeError(f"torch vs ONNX Runtime parity {diffs} exceeds {PARITY_TOL:.0e}")
         eq = equivariance_errors(sess, names, probe_x.numpy())
-        cal = calibrate(sess, names, src, spec, classes, centroids, alpha, min_level, seed)
+        cal = calibrate(sess, names, src, spec, classes, centroids, alpha, min_level, seed, family)
         manifest = Manifest(
             name=name, version=version, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             description=description, input=in_spec, group=GroupSpec(rotation=family, reflections=True), outputs=names,

@@ -32,22 +32,50 @@ def level_from_angles(abs_angles: torch.Tensor, keep: torch.Tensor, family: str)
     return 2.0 * mean_abs
 
 
+def _von_mises_density(centres_deg: torch.Tensor, grid_deg: torch.Tensor, kappa: float) -> torch.Tensor:
+    """Sum of von Mises bumps at `centres_deg` [..., m], evaluated on `grid_deg` [B] and normalised over the grid."""
+    d = torch.deg2rad(grid_deg[None, :] - centres_deg[..., :, None])  # [..., m, B]
+    dens = torch.exp(kappa * (torch.cos(d) - 1.0)).sum(-2)
+    return dens / dens.sum(-1, keepdim=True)
+
+
+def cyclic_order(angles_deg: torch.Tensor, max_order: int = 8, kappa: float = 30.0, bins: int = 72) -> torch.Tensor:
+    """The order n of the cyclic group C_n whose template best explains each row of neighbour angles [N, k].
+
+    Each row's angles become a smoothed density on a circle grid; C_n's template is the same kernel at the n
+    multiples of 360°/n. The order is argmin_n KL(row || template_n): a template that puts mass where the row has
+    none (C2 for C4 data) pays for the row's mass it misses, and one wider than needed (C4 for C2 data) pays
+    log(4/2) for spreading. kappa = 30 is a kernel of about 10° standard deviation, the pose error's scale."""
+    grid = torch.arange(bins, dtype=torch.float32) * (360.0 / bins)
+    p = _von_mises_density(angles_deg.float(), grid, kappa).clamp_min(1e-12)  # [N, B]
+    kl = []
+    for n in range(1, max_order + 1):
+        t = _von_mises_density(torch.arange(n, dtype=torch.float32) * (360.0 / n), grid, kappa).clamp_min(1e-12)
+        kl.append((p * (p.log() - t.log())).sum(-1))
+    return torch.stack(kl, 1).argmin(1) + 1
+
+
 def knn_pseudo_labels(
     emb: torch.Tensor, angle_deg: torch.Tensor, reflection_logit: torch.Tensor, k: int = 32, family: str = "uniform",
     outlier_quantile: float = 0.98,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (labels [N,2] = (width in degrees, reflection rate), mask [N] of inputs to train on).
 
+    The width is the half-width θ (uniform), σ (gaussian), or half the period of C_n, 180°/n (cyclic).
+
     Outliers are masked, not zeroed: a neighbour whose |ψ| sits far above the rest of its neighbourhood (robust
     median + 5·MAD rule) is left out of that average, and an input whose neighbourhood is unusually far away in the
     embedding (top 1 - outlier_quantile of mean distance) gets no label at all rather than a wrong one.
     """
     idx, dist = knn(emb, k)
-    a = angle_deg.abs()[idx]  # [N, k]
-    med = a.median(dim=1, keepdim=True).values
-    mad = (a - med).abs().median(dim=1, keepdim=True).values
-    keep = (a <= med + 5.0 * mad + 1.0).float()
-    width = level_from_angles(a, keep, family).clamp(0.0, 180.0)
+    if family == "cyclic":  # the level is half the group's period, 180°/n, n from KL to the C_1..C_8 templates
+        width = 180.0 / cyclic_order(angle_deg[idx]).float()
+    else:
+        a = angle_deg.abs()[idx]  # [N, k]
+        med = a.median(dim=1, keepdim=True).values
+        mad = (a - med).abs().median(dim=1, keepdim=True).values
+        keep = (a <= med + 5.0 * mad + 1.0).float()
+        width = level_from_angles(a, keep, family).clamp(0.0, 180.0)
     rate = (reflection_logit[idx] > 0).float().mean(1)
     spread = dist[:, 1:].mean(1) if dist.shape[1] > 1 else dist[:, 0]
     mask = spread <= torch.quantile(spread, outlier_quantile)

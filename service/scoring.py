@@ -2,6 +2,7 @@
 
 Two nonconformity scores per image, each compared with held-out in-distribution scores of its group:
     rotation   s_rot = |φ| / max(Θ(x), min_level)        (how far past the learned half-width)
+               cyclic bundles: Θ(x) = 180°/n is half C_n's period; s_rot = d(φ, nearest multiple of 2Θ) / min_level
     reflection s_ref = P(reflected) * (1 - reflection level)   (a flip where flips are rare)
 Each gets a conformal p-value; the family-wise verdict splits α between the two (Bonferroni),
 so the false-alarm rate on in-distribution data stays at or just under α.
@@ -92,13 +93,38 @@ def p_values(sorted_cal: np.ndarray, s: np.ndarray) -> np.ndarray:
     return (1.0 + ge) / (n + 1.0)
 
 
-def nonconformity(out: GraphOutputs, min_level_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+MAX_CYCLIC_ORDER = 8
+
+
+def cyclic_period(level_deg: np.ndarray) -> np.ndarray:
+    """A cyclic bundle's level (half the period, 180°/n) -> the period 360°/n, snapped to the nearest n = 1..8."""
+    n = np.clip(np.round(180.0 / np.maximum(level_deg, 1e-6)), 1, MAX_CYCLIC_ORDER)
+    return 360.0 / n
+
+
+def rotation_excess(angle_deg: np.ndarray, level_deg: np.ndarray, family: str) -> tuple[np.ndarray, np.ndarray]:
+    """-> (how far the angle is from what the level allows, in degrees; the hard rule's limit for it).
+
+    uniform / gaussian: |φ| against the half-width Θ. cyclic: the distance from φ to the nearest multiple of the
+    period, against a quarter period (half-way to the midpoint between two allowed poses)."""
+    if family == "cyclic":
+        period = cyclic_period(level_deg)
+        r = np.mod(angle_deg, period)
+        return np.minimum(r, period - r), period / 4.0
+    return np.abs(angle_deg), level_deg
+
+
+def nonconformity(
+    out: GraphOutputs, min_level_deg: float, family: str = "uniform"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """-> angle (deg), P(reflected), rotation score, reflection score."""
     angle = np.degrees(np.arctan2(out.pose[:, 1], out.pose[:, 0]))
     p_refl = 1.0 / (1.0 + np.exp(-np.clip(out.reflection_logit.astype(np.float64), -60, 60)))
-    width = np.maximum(out.level[:, 0], min_level_deg)
     refl_level = np.clip(out.level[:, 1], 0.0, 1.0)
-    return angle, p_refl, np.abs(angle) / width, p_refl * (1.0 - refl_level)
+    excess, _ = rotation_excess(angle, out.level[:, 0], family)
+    # cyclic: the allowed poses are points, so the scale is the pose error's, not a learned width
+    scale = min_level_deg if family == "cyclic" else np.maximum(out.level[:, 0], min_level_deg)
+    return angle, p_refl, excess / scale, p_refl * (1.0 - refl_level)
 
 
 def assign_groups(out: GraphOutputs, cal: Calibration, classes: list[str] | None) -> np.ndarray:
@@ -167,7 +193,8 @@ class ScoreArrays:
 
 def score_arrays(out: GraphOutputs, manifest: Manifest) -> ScoreArrays:
     cal = manifest.calibration
-    angle, p_refl, s_rot, s_ref = nonconformity(out, cal.min_level_deg)
+    family = manifest.group.rotation
+    angle, p_refl, s_rot, s_ref = nonconformity(out, cal.min_level_deg, family)
     if not manifest.group.reflections:
         s_ref = np.zeros_like(s_ref)
     gidx = assign_groups(out, cal, manifest.classes)
@@ -184,9 +211,10 @@ def score_arrays(out: GraphOutputs, manifest: Manifest) -> ScoreArrays:
     ratio_rot = s_rot / np.maximum(t_rot, 1e-9)
     ratio_ref = s_ref / np.maximum(t_ref, 1e-9) if manifest.group.reflections else np.zeros(n)
     p = np.minimum(1.0, 2.0 * np.minimum(p_rot, p_ref)) if manifest.group.reflections else p_rot
-    width = out.level[:, 0]
+    width = cyclic_period(out.level[:, 0]) / 2.0 if family == "cyclic" else out.level[:, 0]
     refl_level = np.clip(out.level[:, 1], 0.0, 1.0)
-    hard = (np.abs(angle) > width) | ((p_refl > 0.5) & (refl_level < 0.5) & manifest.group.reflections)
+    excess, limit = rotation_excess(angle, out.level[:, 0], family)
+    hard = (excess > limit) | ((p_refl > 0.5) & (refl_level < 0.5) & manifest.group.reflections)
     return ScoreArrays(
         angle_deg=angle,
         p_reflected=p_refl,

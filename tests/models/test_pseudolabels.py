@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from models.pseudolabels import knn, knn_pseudo_labels
+from models.pseudolabels import cyclic_order, knn, knn_pseudo_labels
 
 
 def test_chunked_knn_matches_dense():
@@ -47,3 +47,25 @@ def test_gaussian_level_uses_the_half_normal_correction():
     angle = torch.randn(3000, generator=g) * 40.0
     labels, _ = knn_pseudo_labels(emb, angle, -torch.ones(3000), k=500, family="gaussian")
     assert abs(labels[:, 0].mean().item() - 40.0) < 3.0
+
+
+def test_cyclic_order_is_recovered_from_noisy_neighbour_angles():
+    """Rows of angles drawn from C_n (n = 1..8) plus 8° pose noise: KL to the templates picks n."""
+    g = torch.Generator().manual_seed(3)
+    for n in range(1, 9):
+        k = torch.randint(0, n, (200, 64), generator=g).float() * (360.0 / n)
+        angles = (k + torch.randn(200, 64, generator=g) * 8.0 + 180.0) % 360.0 - 180.0
+        got = cyclic_order(angles)
+        assert (got == n).float().mean() > 0.95, (n, got.bincount(minlength=9))
+
+
+def test_cyclic_pseudo_labels_are_the_period_per_cluster():
+    g = torch.Generator().manual_seed(4)
+    n = 1000
+    emb = torch.cat([torch.randn(n, 4, generator=g) * 0.1, torch.randn(n, 4, generator=g) * 0.1 + 5.0])
+    c2 = torch.randint(0, 2, (n,), generator=g).float() * 180.0
+    c4 = torch.randint(0, 4, (n,), generator=g).float() * 90.0
+    angle = (torch.cat([c2, c4]) + torch.randn(2 * n, generator=g) * 6.0 + 180.0) % 360.0 - 180.0
+    labels, _ = knn_pseudo_labels(emb, angle, -torch.ones(2 * n), k=64, family="cyclic")
+    assert (labels[:n, 0] == 90.0).float().mean() > 0.98  # half of C2's period
+    assert (labels[n:, 0] == 45.0).float().mean() > 0.98
