@@ -4,25 +4,13 @@ that is down or too slow, oversized bodies. The guard answers with typed JSON er
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 
 import pytest
-from _guard_support import EchoUpstream, GuardPool, free_port, samples
+from _guard_support import GuardPool, free_port, samples
 from _support import png
 
 PNG = {"content-type": "image/png"}
 
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[EchoUpstream]:
-    with EchoUpstream() as u:
-        yield u
-
-
-@pytest.fixture(scope="module")
-def guard(bundle_repo, upstream) -> Iterator[GuardPool]:
-    with GuardPool(repository=bundle_repo, upstream=upstream.url) as pool:
-        yield pool
 
 
 def outcome(c, mode: str, name: str) -> float:

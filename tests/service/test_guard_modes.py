@@ -8,11 +8,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from _guard_support import EchoUpstream, GuardPool, multipart_parts, samples
+from _guard_support import GuardPool, multipart_parts, samples
 from _support import angle_diff, moved_png, pad29, png
 from PIL import Image
 
@@ -22,17 +21,6 @@ PNG = {"content-type": "image/png"}
 SCORE_HEADERS = ("x-symguard-score", "x-symguard-verdict", "x-symguard-reason", "x-symguard-angle",
                  "x-symguard-reflected", "x-symguard-model")  # fmt: skip
 
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[EchoUpstream]:
-    with EchoUpstream() as u:
-        yield u
-
-
-@pytest.fixture(scope="module")
-def guard(bundle_repo, upstream) -> Iterator[GuardPool]:
-    with GuardPool(repository=bundle_repo, upstream=upstream.url) as pool:
-        yield pool
 
 
 def score(c, image: bytes) -> dict:
