@@ -32,7 +32,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     from models.export import export_run
     from models.train import TrainConfig, train
 
-    cfg = TrainConfig(dataset=a.dataset, out=a.out, steps=a.steps, level_steps=a.level_steps, seed=a.seed, threads=a.threads)
+    cfg = TrainConfig(
+        dataset=a.dataset, out=a.out, steps=a.steps, prior_steps=a.prior_steps, level_steps=a.level_steps, seed=a.seed,
+        threads=a.threads,
+    )
     ckpt = train(cfg, resume=not a.fresh)
     if a.no_export:
         print(ckpt)
@@ -84,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="learn pose and symmetry level from a dataset spec or an image folder, then export a bundle")
     t.add_argument("dataset", nargs="?", default=DEFAULT_MODEL, help="built-in spec (models/specs/*.yaml), a spec YAML, or an image folder")
-    t.add_argument("--steps", type=int, default=1000, help="autoencoder steps")
+    t.add_argument("--steps", type=int, default=1000, help="autoencoder steps, the prior-only warm-up included")
+    t.add_argument("--prior-steps", type=int, default=300, help="first steps that train only the identity prior")
     t.add_argument("--level-steps", type=int, default=2000, help="steps for the level and group heads")
     t.add_argument("--out", default="runs", help="checkpoint folder (resumable)")
     t.add_argument("--repo", default=str(REPOSITORY), help="model repository to export into")
