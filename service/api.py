@@ -63,7 +63,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     # RequestMetrics is added last, so it is outermost and also counts BodyLimit's early 413s.
     routes = [*health_router.routes, *v1_router.routes, *v2_router.routes]  # labels are the unprefixed templates
     app.add_middleware(RequestMetrics, metrics=metrics, routes=routes)

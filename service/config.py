@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     )
     max_images: int = Field(64, ge=1, description="most images in one request")
     request_timeout_s: float = Field(30.0, gt=0, description="give up waiting for inference after this long (504)")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="longest time to receive a request body once its headers are in; a slower (slow-drip) body "
+        "gets 408 and the connection is closed",
+    )
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM/SIGINT: stop accepting, wait this long for in-flight requests"
     )

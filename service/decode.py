@@ -22,6 +22,19 @@ IMAGE_MEDIA_TYPES = {
     "image/png", "image/jpeg", "image/jpg", "image/gif", "image/bmp", "image/x-ms-bmp", "image/tiff", "image/webp",
     "image/x-portable-pixmap", "image/x-portable-graymap", "image/x-portable-anymap", "application/octet-stream",
 }  # fmt: skip
+# How files of the accepted formats begin. Bytes that start like one of them but that Pillow cannot open are a
+# damaged or truncated file of that format (422 corrupt_image), not an unsupported format (415).
+SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+)  # fmt: skip
+
+
+def sniff(data: bytes) -> str | None:
+    """The accepted format these bytes claim to be by their first bytes, or None (BMP's and PPM's are too weak)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for sig, fmt in SIGNATURES if data.startswith(sig)), None)
 
 
 def decode_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Image:
@@ -36,15 +49,20 @@ def decode_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Ima
         if w * h > max_pixels:
             raise TooManyPixels(f"{what} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}", width=w, height=h)
         img.load()  # the first frame of an animation
-        return ImageOps.exif_transpose(img)
     except TooManyPixels:
         raise
     except Image.DecompressionBombError as e:
         raise TooManyPixels(f"{what}: {e}") from None
     except UnidentifiedImageError:
+        if fmt := sniff(data):
+            raise CorruptImage(f"{what} starts like a {fmt} file but its header is damaged or truncated") from None
         raise UnsupportedMediaType(f"{what} is not an image in a supported format ({', '.join(FORMATS)})") from None
     except Exception as e:  # truncated or malformed data: Pillow's decoders raise a zoo of types
         raise CorruptImage(f"{what} could not be decoded: {type(e).__name__}: {e}") from None
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # unreadable EXIF: no viewer can apply its orientation either, so the stored pixels are the picture
+        return img
 
 
 def decode_base64(text: object, what: str) -> bytes:

@@ -50,6 +50,13 @@ class UnsupportedMediaType(SymguardError):
     status, code = 415, "unsupported_media_type"
 
 
+class BodyTimeout(SymguardError):
+    """The body did not arrive within body_timeout_s (a slow-drip client): answered, and the connection closed."""
+
+    status, code = 408, "body_timeout"
+    headers = {"Connection": "close"}
+
+
 class PayloadTooLarge(SymguardError):
     status, code = 413, "payload_too_large"
 

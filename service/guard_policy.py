@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.errors import (
-    BadRequest, InferenceTimeout, OodInput, PayloadTooLarge, ScoringUnavailable, SymguardError,
+    BadRequest, BodyTimeout, InferenceTimeout, OodInput, PayloadTooLarge, ScoringUnavailable, SymguardError,
     UnsupportedMediaType, UpstreamTimeout, UpstreamUnavailable,
 )  # fmt: skip
 from service.guard_config import GuardSettings
@@ -108,7 +108,7 @@ class Guard:
             return Decision("no_image")  # streamed through, never read
         try:
             body = await request.body()  # bounded by max_body_bytes (BodyLimit)
-        except PayloadTooLarge as e:
+        except (PayloadTooLarge, BodyTimeout) as e:  # too big, or dripped too slowly: the client's fault
             raise _Refused("bad_image", e) from None
         try:
             located = await locate(body, content_type, self.loc)

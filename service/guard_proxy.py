@@ -16,7 +16,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from service.errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
+from service.errors import BodyTimeout, PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
 from service.metrics import GuardMetrics
 
 log = logging.getLogger("symguard.guard")
@@ -110,8 +110,8 @@ class Upstream:
         t0 = time.perf_counter()
         try:
             response = await self.client.send(upstream_req, stream=True)
-        except PayloadTooLarge:
-            raise  # the body limit tripped while streaming the client's body: the client's fault, 413
+        except (PayloadTooLarge, BodyTimeout):
+            raise  # a body limit tripped while streaming the client's body: the client's fault, 413 / 408
         except httpx.TimeoutException as e:
             self.metrics.upstream_error("timeout")
             raise UpstreamTimeout(f"the upstream did not answer within the limit ({type(e).__name__})") from None

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, error_response
+from service.errors import BodyTimeout, PayloadTooLarge, error_response
 from service.metrics import Metrics
 
 
 class BodyLimit:
-    """413 before reading a body that announces itself too large; for chunked bodies, 413 as soon as the count passes."""
+    """Bounds on the request body: its size and how long it may take to arrive.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    Size: 413 before reading a body that announces itself too large; for chunked bodies, 413 as soon as the count
+    passes. Time: with `timeout_s`, the whole body must arrive within that many seconds of the headers, else 408
+    (a client dripping a byte at a time would otherwise hold its request, and a worker's memory, forever).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -32,14 +39,28 @@ class BodyLimit:
                 return await error_response(err)(scope, receive, send)
 
         seen = 0
+        body_done = False
+        deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            # Errors raised here surface inside the handler that reads the body, so api.py's handler answers them.
+            nonlocal seen, body_done
+            if body_done or deadline is None:
+                return await receive()  # after the body, the app may wait on http.disconnect as long as it likes
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(
+                    f"the request body did not arrive within {self.timeout_s:g}s ({seen} bytes received)"
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:  # raised inside the handler, so api.py's exception handler answers 413
+                if seen > self.max_bytes:
                     raise PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True  # http.disconnect
             return message
 
         await self.app(scope, limited, send)
