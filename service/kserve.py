@@ -17,8 +17,9 @@ from starlette.responses import Response
 from service import __version__
 from service.auth import require_api
 from service.decode import decode_base64
-from service.errors import BadRequest, InvalidTensor, ModelNotReady, TooManyImages
+from service.errors import BadRequest, InvalidTensor, ModelNotFound, ModelNotReady, TooManyImages
 from service.inputs import Encoded, prepare_batch
+from service.manifest import is_safe_name
 from service.registry import Served
 from service.schemas import V2InferRequest, V2InferResponse, V2ModelMetadata, V2TensorMeta
 from service.serving import ERRORS, infer, json_response, model_ref, registry_of, served_model
@@ -30,6 +31,8 @@ _ORT_TYPES = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)"
 
 
 def _ref(name: str, version: str | None) -> str:
+    if not is_safe_name(name):  # the path's {name} is a name, not a NAME:VERSION reference
+        raise ModelNotFound(f"{name[:100]!r} is not a model name ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})")
     return f"{name}:{version}" if version is not None else name
 
 

@@ -16,6 +16,7 @@ from service import runtime
 from service.batching import Batcher
 from service.config import Settings
 from service.errors import BundleError, CudaUnavailable, ModelNotFound, ModelNotReady
+from service.manifest import is_safe_name
 from service.metrics import Metrics
 from service.repository import DEFAULT_MODEL, ModelRef, Repository, default_repository
 from service.runtime import ModelRuntime
@@ -72,6 +73,8 @@ class Registry:
 
     async def load(self, name: str, version: int | None = None) -> Served:
         """Load NAME (pinned version, the given one, or the newest), self-check it, then swap it in."""
+        if not is_safe_name(name):  # before anything keyed by it: a name from a URL never reaches a path or a dict
+            raise ModelNotFound(f"{name[:100]!r} is not a model name ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})")
         if self.pin and name != self.pin.name:
             raise ModelNotFound(f"this server is pinned to {self.pin}; {name!r} is not served")
         ref = ModelRef(name, version if version is not None else self.pin.version if self.pin else None)

@@ -36,7 +36,7 @@ class ModelRef:
     def parse(cls, text: str) -> ModelRef:
         name, sep, version = text.strip().partition(":")
         if not is_safe_name(name) or (sep and not version.isdigit()) or (version and int(version) < 1):
-            raise ModelNotFound(f"{text!r} is not a model reference; expected NAME or NAME:VERSION")
+            raise ModelNotFound(f"{text[:100]!r} is not a model reference; expected NAME or NAME:VERSION")
         return cls(name, int(version) if version else None)
 
     def __str__(self) -> str:
