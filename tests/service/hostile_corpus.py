@@ -572,6 +572,7 @@ def report(repository: Path | None, model: str | None) -> int:
     pin = model or ("digits" if repository else "mnist-multiple-flip")
     settings = {**SERVER_SETTINGS, **repo_kw, "model": pin}
     rows, failures, requests = [], 0, 0
+    tally: dict[str, dict[Target, int]] = {}  # observed outcome -> requests per front door
     t0 = time.monotonic()
     with LiveServer(**settings) as server, EchoUpstream() as upstream, \
             GuardServer(upstream=upstream.url, mode="gate", **settings) as guard:  # fmt: skip
@@ -587,12 +588,19 @@ def report(repository: Path | None, model: str | None) -> int:
                 requests += 1
                 ok = matches(got, expect)
                 failures += not ok
+                tally.setdefault(str(got), dict.fromkeys(TARGETS, 0))[target] += 1
                 cells.append(f"{got}" if ok else f"**{got}** (expected {expect})")
             rows.append(f"| {case.name} | {case.sent_as} | {' | '.join(cells)} |")
         alive = httpx.get(server.url + "/healthz").status_code == 200 and httpx.get(guard.url + "/healthz").status_code == 200
         fives = _count_5xx(server.url) + _count_5xx(guard.url)
     print(f"{len(cases)} cases, {requests} requests, {failures} not as expected, {fives} answered 5xx, "
           f"servers alive afterwards: {alive}; model {pin}; {time.monotonic() - t0:.0f} s\n")  # fmt: skip
+    print("| outcome | /v1/score | /v2 …/infer | guard (gate) | all |")
+    print("|---|---|---|---|---|")
+    for outcome, n in sorted(tally.items(), key=lambda kv: (int(kv[0].split()[0]), kv[0])):
+        print(f"| {outcome} | {n['v1']} | {n['v2']} | {n['guard']} | {sum(n.values())} |")
+    print(f"| **total** | {sum(n['v1'] for n in tally.values())} | {sum(n['v2'] for n in tally.values())} | "
+          f"{sum(n['guard'] for n in tally.values())} | {requests} |\n")
     print("| case | sent as | /v1/score | /v2 …/infer | guard (gate) |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))

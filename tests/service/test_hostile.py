@@ -17,6 +17,9 @@ from hostile_corpus import SERVER_SETTINGS, Case, Outcome, Target, build_corpus,
 
 from service.repository import DEFAULT_MODEL
 
+# Pillow warns about the damaged files these tests feed it on purpose; the assertions are what matter.
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+
 MODEL = "digits"
 
 
