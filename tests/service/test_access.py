@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 
 import httpx
 import orjson
@@ -179,7 +179,8 @@ def test_model_names_from_requests_never_reach_the_filesystem(locked, layout, mn
     v2 = b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": []}]}'
     admin, api = {**_bearer(ADMIN)}, {**_bearer(API)}
     seen = 0
-    for name in HOSTILE_NAMES:
+    absolute = quote(str(layout[1])).encode()  # the outside bundle's own absolute path, percent-encoded
+    for name in [*HOSTILE_NAMES, absolute]:
         attempts = [
             ("POST", b"/v1/score?model=" + name, {**api, **PNG}, image, False),
             ("POST", b"/v1/canonicalize?model=" + name, {**api, **PNG}, image, False),
