@@ -103,7 +103,7 @@ def test_serve_help_documents_every_setting():
     assert r.returncode == 0
     for flag in ("--host", "--port", "--repository", "--model", "--max-batch", "--max-delay-ms", "--queue-size",
                  "--intra-op-threads", "--require-cuda", "--admin-token", "--api-token", "--max-body-bytes",
-                 "--max-pixels", "--max-images", "--request-timeout-s", "SYMGUARD_PORT"):  # fmt: skip
+                 "--max-pixels", "--max-images", "--request-timeout-s", "--body-timeout-s", "SYMGUARD_PORT"):  # fmt: skip
         assert flag in r.stdout, flag
 
 
