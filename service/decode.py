@@ -61,7 +61,7 @@ def decode_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Ima
         raise CorruptImage(f"{what} could not be decoded: {type(e).__name__}: {e}") from None
     try:
         return ImageOps.exif_transpose(img)
-    except Exception:  # unreadable EXIF: no viewer can apply its orientation either, so the stored pixels are the picture
+    except Exception:  # unreadable EXIF: no viewer can apply its orientation either; the stored pixels are the picture
         return img
 
 

@@ -282,8 +282,8 @@ def build_corpus(digit28: np.ndarray) -> list[Case]:
     image("webp-header-bomb-16384x16384", webp_header_bomb(webp), "image/webp", PIXELS)
     side = int(MAX_PIXELS**0.5)
     image(f"png-at-pixel-limit-{side}x{side}", png_bomb(side), "image/png", SCORED, why="exactly max_pixels")
-    image(f"png-over-pixel-limit-{side + 1}x{side}", png_raw(side + 1, side, 8, 0, (bytes(side + 1) for _ in range(side))),
-          "image/png", PIXELS, why="one column over max_pixels")  # fmt: skip
+    over = png_raw(side + 1, side, 8, 0, (bytes(side + 1) for _ in range(side)))
+    image(f"png-over-pixel-limit-{side + 1}x{side}", over, "image/png", PIXELS, why="one column over max_pixels")
 
     # -- extremes
     image("empty-body", b"", "image/png", CORRUPT, guard=PASSED, why="0 bytes (the guard finds no image in it)")
@@ -591,7 +591,7 @@ def report(repository: Path | None, model: str | None) -> int:
                 tally.setdefault(str(got), dict.fromkeys(TARGETS, 0))[target] += 1
                 cells.append(f"{got}" if ok else f"**{got}** (expected {expect})")
             rows.append(f"| {case.name} | {case.sent_as} | {' | '.join(cells)} |")
-        alive = httpx.get(server.url + "/healthz").status_code == 200 and httpx.get(guard.url + "/healthz").status_code == 200
+        alive = all(httpx.get(u + "/healthz").status_code == 200 for u in (server.url, guard.url))
         fives = _count_5xx(server.url) + _count_5xx(guard.url)
     print(f"{len(cases)} cases, {requests} requests, {failures} not as expected, {fives} answered 5xx, "
           f"servers alive afterwards: {alive}; model {pin}; {time.monotonic() - t0:.0f} s\n")  # fmt: skip
