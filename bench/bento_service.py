@@ -16,10 +16,11 @@ Layout, as BentoML's model-composition guide has it:
   dispatcher, which learns the batch's execution time and decides how long to wait for more) merges the tensors
   of concurrent requests along axis 0 into one ONNX Runtime `session.run`.
 
-Batching configuration: max_batch_size = 64 images (two 32-image requests, or 64 single images, per run; D's
-in-process sweep shows per-image time flat beyond ~32) and max_latency_ms = 10,000. BentoML's dispatcher cancels
-(503) any request whose estimated latency passes max_latency_ms; at 64 clients x 32 images a request legitimately
-waits about a second in the queue, so a tight SLA would turn the benchmark into a load-shedding test. The ONNX
+Batching configuration: max_batch_size = 64 images (two 32-image requests, or 64 single images, per run) and
+max_latency_ms = 60,000 (BentoML's default). BentoML's dispatcher cancels any request whose estimated latency
+passes max_latency_ms (the model service drops the call, the front answers 500). At 64 clients a request here
+legitimately waits seconds in the queue: a first run with max_latency_ms = 10,000 shed 534 of the single-image
+and 712 of the 32-image requests at concurrency 64, which measures load shedding, not serving. The ONNX
 Runtime session uses symguard's settings (intra-op threads = 2, spinning off, all graph optimisations).
 """
 
@@ -47,7 +48,7 @@ from service.scoring import GraphOutputs, score_rows  # noqa: E402
 BUNDLE = Path(os.environ.get("SYMGUARD_BENCH_BUNDLE", ROOT / "models/repository/mnist-multiple-flip/2"))
 THREADS = int(os.environ.get("SYMGUARD_BENCH_THREADS", "2"))
 MAX_BATCH = int(os.environ.get("SYMGUARD_BENCH_BENTO_MAX_BATCH", "64"))
-MAX_LATENCY_MS = int(os.environ.get("SYMGUARD_BENCH_BENTO_MAX_LATENCY_MS", "10000"))
+MAX_LATENCY_MS = int(os.environ.get("SYMGUARD_BENCH_BENTO_MAX_LATENCY_MS", "60000"))
 MANIFEST = Manifest.model_validate_json((BUNDLE / "manifest.json").read_text())
 # symguard serves with access_log=False; an access-log line per request would be a cost symguard does not pay
 NO_ACCESS_LOG = {"access": {"enabled": False}}

@@ -85,6 +85,9 @@ class Guard:
             decision = await self._decide(request)
         except _Refused as r:
             self.metrics.outcome(r.outcome)
+            if r.outcome == "fail_closed":  # the guard's own trouble, not the client's: worth a line per request
+                log.warning("request answered %d %s: %s %s: %s", r.error.status, r.error.code, request.method,
+                            request.url.path, r.error.message)  # fmt: skip
             raise r.error from None  # api.py's one handler turns it into its status and JSON body
         outcome = decision.outcome
         try:
@@ -96,8 +99,10 @@ class Guard:
                 add_response_headers=decision.headers,
                 drop_prefix=HEADER_PREFIX if self.stamps else None,  # a client must not forge the verdict
             )
-        except (UpstreamUnavailable, UpstreamTimeout):
+        except (UpstreamUnavailable, UpstreamTimeout) as e:
             outcome = "upstream_error"
+            log.warning("request answered %d %s: %s %s: %s", e.status, e.code, request.method, request.url.path,
+                        e.message)  # fmt: skip
             raise
         finally:
             self.metrics.outcome(outcome)
@@ -162,6 +167,6 @@ class Guard:
     def _scoring_failed(self, body: bytes, reason: str, why: str) -> Decision:
         if self.mode != "monitor" and self.settings.on_failure == "fail_closed":
             raise _Refused("fail_closed", ScoringUnavailable(f"the image could not be scored: {why}", reason=reason))
-        log.debug("forwarding unscored (%s): %s", reason, why)
+        log.info("request forwarded unscored (%s): %s", reason, why)
         self.metrics.failed_open(reason)
         return Decision("fail_open", body, headers=unscored_headers(reason) if self.stamps else {})
