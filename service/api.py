@@ -20,7 +20,7 @@ from service.config import Settings
 from service.errors import SymguardError, error_response
 from service.kserve import router as v2_router
 from service.metrics import Metrics
-from service.middleware import BodyLimit, RequestMetrics
+from service.middleware import Admission, BodyLimit, RequestMetrics
 from service.registry import Registry
 from service.routes_v1 import health_router
 from service.routes_v1 import router as v1_router
@@ -64,7 +64,8 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    # RequestMetrics is added last, so it is outermost and also counts BodyLimit's early 413s.
+    app.add_middleware(Admission, limit=settings.max_in_flight, metrics=metrics)  # outside BodyLimit: sheds first
+    # RequestMetrics is added last, so it is outermost and also counts the early 503s and 413s.
     routes = [*health_router.routes, *v1_router.routes, *v2_router.routes]  # labels are the unprefixed templates
     app.add_middleware(RequestMetrics, metrics=metrics, routes=routes)
     _install_error_handlers(app)

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         2.0, ge=0.0, le=1000.0, description="how long a batch waits for more requests once the first arrives"
     )
     queue_size: int = Field(256, ge=1, description="requests waiting per model before new ones get 503 + Retry-After")
+    max_in_flight: int = Field(
+        512,
+        ge=1,
+        description="requests in progress at once (reading, decoding, queued, scoring; GETs not counted); beyond "
+        "it, 503 + Retry-After before the body is read",
+    )
 
     # ---- limits
     max_body_bytes: int = Field(

@@ -97,6 +97,11 @@ class QueueFull(SymguardError):
     headers = {"Retry-After": "1"}
 
 
+class Overloaded(SymguardError):
+    status, code = 503, "overloaded"
+    headers = {"Retry-After": "1"}
+
+
 class InferenceTimeout(SymguardError):
     status, code = 504, "inference_timeout"
 

@@ -50,6 +50,12 @@ class Metrics:
             "symguard_batch_size", "Images per session.run.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("symguard_queue_depth", "Requests waiting for a batch.", ["model"], registry=r)
+        self.in_progress = Gauge(
+            "symguard_requests_in_progress", "Non-GET requests being read, decoded, queued or scored.", registry=r
+        )
+        self.shed = Counter(
+            "symguard_requests_shed", "Requests refused with 503 at the door: max_in_flight were in progress.", registry=r
+        )
         self.inference_duration = Histogram(
             "symguard_inference_duration_seconds",
             "session.run plus scoring, per batch.",

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: a request body limit enforced while reading, and per-route request metrics."""
+"""Pure ASGI middleware: admission (a bound on requests in progress), a request body limit enforced while reading,
+and per-route request metrics."""
 
 from __future__ import annotations
 
@@ -8,8 +9,42 @@ import time
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTimeout, PayloadTooLarge, error_response
+from service.errors import BodyTimeout, Overloaded, PayloadTooLarge, error_response
 from service.metrics import Metrics
+
+UNLIMITED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # health, metrics, docs, model lists: cheap, and must
+# keep answering under overload (a scrape that times out hides the overload it should show)
+
+
+class Admission:
+    """503 + Retry-After, before the body is read, once `limit` requests are already in progress.
+
+    The batcher's queue bounds only requests that reached inference. Under overload the requests still being read,
+    decoded and preprocessed pile up in front of it without bound: each one holds a connection and memory, and
+    its decode work takes CPU from inference. Refusing them at the door costs a few microseconds each, so the
+    server keeps its throughput, its memory and a bounded latency for what it accepts.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
+        self.app = app
+        self.limit = limit
+        self.metrics = metrics
+        self.in_progress = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in UNLIMITED_METHODS:
+            return await self.app(scope, receive, send)
+        if self.in_progress >= self.limit:
+            self.metrics.shed.inc()
+            err = Overloaded(f"{self.in_progress} requests are in progress (limit {self.limit}); retry shortly")
+            return await error_response(err)(scope, receive, send)
+        self.in_progress += 1  # one event loop, no await between the check and this: no lock needed
+        self.metrics.in_progress.set(self.in_progress)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
+            self.metrics.in_progress.set(self.in_progress)
 
 
 class BodyLimit:

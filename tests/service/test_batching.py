@@ -95,6 +95,36 @@ def test_full_queue_answers_503_with_retry_after(bundle_repo, mnist_digits):
     assert all(len(r.json()["results"]) == 64 for r in bodies if r.status_code == 200)
 
 
+def test_requests_past_max_in_flight_get_503_before_their_body_is_read(bundle_repo, mnist_digits):
+    """Two requests whose bodies are still arriving hold both places; the third is refused at the door with
+    Retry-After, GETs (metrics, health) still answer, and once the two finish, scoring is open again."""
+    import socket
+
+    digit = moved_png(mnist_digits[0][0], 0, False)
+    with LiveServer(repository=bundle_repo, max_in_flight=2) as s:
+        port = int(s.url.rsplit(":", 1)[1])
+        held = []
+        for _ in range(2):  # headers and half the body: in progress until the rest arrives
+            sock = socket.create_connection(("127.0.0.1", port))
+            head = f"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(digit)}\r\n\r\n"
+            sock.sendall(head.encode() + digit[: len(digit) // 2])
+            held.append(sock)
+        with s.client() as c:
+            for _ in range(100):  # the server has seen both once its gauge says so
+                if "symguard_requests_in_progress 2.0" in c.get("/metrics").text:
+                    break
+            refused = c.post("/v1/score", content=digit, headers={"content-type": "image/png"})
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "overloaded" and refused.headers["retry-after"] == "1"
+            assert c.get("/healthz").status_code == 200
+            assert "symguard_requests_shed_total 1.0" in c.get("/metrics").text
+            for sock in held:  # the rest of each body: both are scored
+                sock.sendall(digit[len(digit) // 2 :])
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200"), "a held request must still be answered"
+                sock.close()
+            assert c.post("/v1/score", content=digit, headers={"content-type": "image/png"}).status_code == 200
+
+
 @pytest.mark.parametrize("max_batch", [4])
 def test_requests_larger_than_max_batch_still_answered_whole(bundle_repo, mnist_digits, max_batch):
     digits, _ = mnist_digits
