@@ -45,6 +45,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "reliability-admin-token"
+KEEP_ALIVE_REUSE_S = 3.0  # the pool's idle limit: below the server's 5 s keep-alive timeout, as clients should be
 UPSTREAM_PY = ROOT / "tests" / "service" / "_upstream.py"  # the echo classifier the guard tests use
 
 # =============================================================================================== raw HTTP client
@@ -88,6 +89,7 @@ class Conn:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.idle_since = 0.0
 
     async def connect(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
@@ -96,6 +98,12 @@ class Conn:
         if self.writer is not None:
             self.writer.close()
         self.reader = self.writer = None
+
+    def stale(self) -> bool:
+        """Closed by the server, or idle long enough that the server may be closing it right now (uvicorn's
+        keep-alive timeout is 5 s). A client pool must not reuse such a connection: a request written into it races
+        the server's FIN and is lost by the client, never seen by the server."""
+        return self.reader is not None and (self.reader.at_eof() or time.monotonic() - self.idle_since > KEEP_ALIVE_REUSE_S)
 
     async def call(self, req: bytes, timeout: float) -> tuple[int, dict[str, str], bytes]:
         assert self.reader is not None and self.writer is not None
@@ -237,7 +245,10 @@ async def generate(spec: GenSpec) -> dict[str, Any]:
                 async with freed:
                     await freed.wait_for(lambda: bool(idle))
                 conn = idle.pop()
+            if conn.stale():
+                conn.close()  # reconnects below, in _one
             await _one(spec, st, conn, i, reqs[i % len(reqs)])
+            conn.idle_since = time.monotonic()
             idle.append(conn)  # a closed one reconnects on its next use
             async with freed:
                 freed.notify()
@@ -634,7 +645,7 @@ async def overload(env: Env, seconds: float = 60, capacity_seconds: float = 10, 
     offered = r["sent"] / (r["t_last_send"] - r["t_first"])
     f = {
         "capacity_rps": round(capacity, 1), "offered_rps": round(offered, 1), "seconds": seconds,
-        "sent": r["sent"], "answered": r["answered"], "lost": _lost(r), "not_sent": r["not_sent"],
+        "sent": r["sent"], "answered": r["answered"], "lost": _lost(r), "lost_kinds": r["lost"], "not_sent": r["not_sent"],
         "statuses": r["statuses"], "no_retry_after": r["no_retry_after"], "queue_depth_max": depth_max,
         "queue_size": queue_size, "in_progress_max": busy_max, "rss_before_mb": round(rss_pre / 2**20, 1), "rss_start_mb": round(rss0 / 2**20, 1), "rss_end_mb": round(rss1 / 2**20, 1),
         "rss_max_mb": round(rss_max / 2**20, 1), "p50_ok_s": r["p50_s"], "p99_ok_s": r["p99_s"],

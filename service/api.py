@@ -20,7 +20,7 @@ from service.config import Settings
 from service.errors import SymguardError, error_response
 from service.kserve import router as v2_router
 from service.metrics import Metrics
-from service.middleware import Admission, BodyLimit, RequestMetrics
+from service.middleware import Admission, BodyLimit, InFlight, RequestMetrics
 from service.registry import Registry
 from service.routes_v1 import health_router
 from service.routes_v1 import router as v1_router
@@ -37,10 +37,11 @@ def create_app(
     `extra_lifespan` runs inside the registry's lifespan (started after the models, stopped before them)."""
     settings = settings or Settings()
     metrics = Metrics()
+    in_flight = InFlight()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = Registry(settings, metrics)
+        registry = Registry(settings, metrics, in_flight)
         app.state.registry = registry
         await registry.start()
         try:
@@ -64,7 +65,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(Admission, limit=settings.max_in_flight, metrics=metrics)  # outside BodyLimit: sheds first
+    app.add_middleware(Admission, limit=settings.max_in_flight, metrics=metrics, in_flight=in_flight)  # outside BodyLimit: sheds first
     # RequestMetrics is added last, so it is outermost and also counts the early 503s and 413s.
     routes = [*health_router.routes, *v1_router.routes, *v2_router.routes]  # labels are the unprefixed templates
     app.add_middleware(RequestMetrics, metrics=metrics, routes=routes)

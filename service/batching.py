@@ -1,7 +1,7 @@
 """Micro-batching: one worker per served model turns many small requests into one session.run.
 
 The worker takes the first waiting request, then keeps taking more until it holds max_batch images or max_delay
-has passed, runs them as ONE batch on its own thread (never on the event loop), and hands each caller its rows.
+has passed (or no other request is in progress, so none is coming: a lone request does not wait), runs them as ONE batch on its own thread (never on the event loop), and hands each caller its rows.
 The queue is bounded: a full queue is a 503 with Retry-After, not unbounded memory and latency.
 """
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from service.errors import QueueFull, ShuttingDown, SymguardError
 from service.metrics import MAX_GROUP_LABELS, Metrics
+from service.middleware import InFlight
 from service.runtime import ModelRuntime
 from service.scoring import GraphOutputs, ImageScore
 
@@ -45,12 +46,19 @@ _STOP = object()
 
 class Batcher:
     def __init__(
-        self, runtime: ModelRuntime, metrics: Metrics, max_batch: int, max_delay_ms: float, queue_size: int
+        self,
+        runtime: ModelRuntime,
+        metrics: Metrics,
+        max_batch: int,
+        max_delay_ms: float,
+        queue_size: int,
+        in_flight: InFlight | None = None,
     ) -> None:
         self.runtime = runtime
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_delay = max_delay_ms / 1000.0
+        self.in_flight = in_flight  # None: always wait max_delay for more
         self.queue: asyncio.Queue[_Job | object] = asyncio.Queue(queue_size)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{runtime.name}-{runtime.version}")
         self._groups = {g.name for g in runtime.manifest.calibration.groups[:MAX_GROUP_LABELS]}
@@ -115,7 +123,7 @@ class Batcher:
                     nxt = self.queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - loop.time()
-                    if remaining <= 0:
+                    if remaining <= 0 or self._none_coming(len(jobs)):
                         break
                     try:
                         nxt = await asyncio.wait_for(self.queue.get(), remaining)
@@ -132,6 +140,11 @@ class Batcher:
             self._depth()
             await self._run(loop, [j for j in jobs if not j.future.done()])  # callers that gave up are skipped
         self._depth()
+
+    def _none_coming(self, collected: int) -> bool:
+        """True when every request in progress is already in this batch: waiting could only add latency. (With
+        several models, or a guard's forwarded requests, the count over-estimates, and the batch waits as before.)"""
+        return self.in_flight is not None and self.in_flight.count <= collected
 
     async def _run(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
         if not jobs:

@@ -16,6 +16,14 @@ UNLIMITED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # health, metrics, do
 # keep answering under overload (a scrape that times out hides the overload it should show)
 
 
+class InFlight:
+    """How many non-GET requests are in progress. Admission bounds it; the batcher reads it to tell whether another
+    request is on its way (being read or decoded) and worth waiting for."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class Admission:
     """503 + Retry-After, before the body is read, once `limit` requests are already in progress.
 
@@ -25,26 +33,27 @@ class Admission:
     server keeps its throughput, its memory and a bounded latency for what it accepts.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics, in_flight: InFlight) -> None:
         self.app = app
         self.limit = limit
         self.metrics = metrics
-        self.in_progress = 0
+        self.in_flight = in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in UNLIMITED_METHODS:
             return await self.app(scope, receive, send)
-        if self.in_progress >= self.limit:
+        flight = self.in_flight
+        if flight.count >= self.limit:
             self.metrics.shed.inc()
-            err = Overloaded(f"{self.in_progress} requests are in progress (limit {self.limit}); retry shortly")
+            err = Overloaded(f"{flight.count} requests are in progress (limit {self.limit}); retry shortly")
             return await error_response(err)(scope, receive, send)
-        self.in_progress += 1  # one event loop, no await between the check and this: no lock needed
-        self.metrics.in_progress.set(self.in_progress)
+        flight.count += 1  # one event loop, no await between the check and this: no lock needed
+        self.metrics.in_progress.set(flight.count)
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_progress -= 1
-            self.metrics.in_progress.set(self.in_progress)
+            flight.count -= 1
+            self.metrics.in_progress.set(flight.count)
 
 
 class BodyLimit:

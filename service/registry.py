@@ -18,6 +18,7 @@ from service.config import Settings
 from service.errors import BundleError, CudaUnavailable, ModelNotFound, ModelNotReady
 from service.manifest import is_safe_name
 from service.metrics import Metrics
+from service.middleware import InFlight
 from service.repository import DEFAULT_MODEL, ModelRef, Repository, default_repository
 from service.runtime import ModelRuntime
 
@@ -32,9 +33,10 @@ class Served:
 
 
 class Registry:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, in_flight: InFlight | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.in_flight = in_flight
         self.repository = Repository(settings.repository or default_repository())
         self.pin = ModelRef.parse(settings.model) if settings.model else None
         self.models: dict[str, Served] = {}
@@ -89,8 +91,9 @@ class Registry:
                 self._failed(name, e.message)
                 raise
             batcher = Batcher(
-                rt, self.metrics, self.settings.max_batch, self.settings.max_delay_ms, self.settings.queue_size
-            )
+                rt, self.metrics, self.settings.max_batch, self.settings.max_delay_ms, self.settings.queue_size,
+                self.in_flight,
+            )  # fmt: skip
             batcher.start()
             old = self.models.get(name)
             self.models[name] = new = Served(rt, batcher)  # the swap: new requests see the new version from here on

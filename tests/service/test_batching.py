@@ -98,17 +98,9 @@ def test_full_queue_answers_503_with_retry_after(bundle_repo, mnist_digits):
 def test_requests_past_max_in_flight_get_503_before_their_body_is_read(bundle_repo, mnist_digits):
     """Two requests whose bodies are still arriving hold both places; the third is refused at the door with
     Retry-After, GETs (metrics, health) still answer, and once the two finish, scoring is open again."""
-    import socket
-
     digit = moved_png(mnist_digits[0][0], 0, False)
     with LiveServer(repository=bundle_repo, max_in_flight=2) as s:
-        port = int(s.url.rsplit(":", 1)[1])
-        held = []
-        for _ in range(2):  # headers and half the body: in progress until the rest arrives
-            sock = socket.create_connection(("127.0.0.1", port))
-            head = f"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(digit)}\r\n\r\n"
-            sock.sendall(head.encode() + digit[: len(digit) // 2])
-            held.append(sock)
+        held = [_hold_a_request(s.url, digit) for _ in range(2)]  # in progress until the rest of each body arrives
         with s.client() as c:
             for _ in range(100):  # the server has seen both once its gauge says so
                 if "symguard_requests_in_progress 2.0" in c.get("/metrics").text:
@@ -135,15 +127,33 @@ def test_requests_larger_than_max_batch_still_answered_whole(bundle_repo, mnist_
     assert r.json()["results"][9]["angle_deg"] == pytest.approx(one.json()["results"][0]["angle_deg"], abs=1e-3)
 
 
-def test_request_timeout_is_504_and_the_worker_lives_on(bundle_repo, mnist_digits):
-    digits, _ = mnist_digits
-    body = moved_png(digits[0], 0, False)
+def _hold_a_request(url: str, body: bytes):
+    """A request in progress that stays so: headers and half its body sent, the rest never (until closed)."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    head = f"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+    sock.sendall(head.encode() + body[: len(body) // 2])
+    return sock
+
+
+def test_a_batch_waits_for_more_only_while_another_request_is_in_progress(bundle_repo, mnist_digits):
+    """max_delay 1 s, timeout 0.5 s: alone, a request does not wait for company (200); with another request in
+    progress (its body still arriving) the batch waits for it, past the timeout (504), and the worker lives on."""
+    body = moved_png(mnist_digits[0][0], 0, False)
     with (
-        LiveServer(repository=bundle_repo, max_batch=64, max_delay_ms=800, request_timeout_s=0.2) as s,
+        LiveServer(repository=bundle_repo, max_batch=64, max_delay_ms=1000, request_timeout_s=0.5) as s,
         s.client() as c,
     ):
+        alone = c.post("/v1/score", content=body, headers={"content-type": "image/png"})
+        held = _hold_a_request(s.url, body)
+        for _ in range(100):
+            if "symguard_requests_in_progress 1.0" in c.get("/metrics").text:
+                break
         late = c.post("/v1/score", content=body, headers={"content-type": "image/png"})
+        held.close()
         s.settings.request_timeout_s = 5.0  # the same worker, now with time to answer
         ok = c.post("/v1/score", content=body, headers={"content-type": "image/png"})
+    assert alone.status_code == 200, alone.text
     assert late.status_code == 504 and late.json()["code"] == "inference_timeout"
     assert ok.status_code == 200 and len(ok.json()["results"]) == 1

@@ -151,10 +151,11 @@ def test_serve_with_no_arguments_then_sigterm(tmp_path):
 
 
 def test_sigterm_finishes_in_flight_requests(bundle_repo, mnist_digits):
+    """Two requests in flight at SIGTERM, both answered: one waiting in a batch (max_delay 0.9 s, held open by the
+    other being in progress), and one whose body is still arriving and completes after the signal."""
     digits, _ = mnist_digits
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    # max_delay 0.9 s: the request sits in the batch queue while SIGTERM arrives
     proc = subprocess.Popen(
         [*SYMGUARD, "serve", "--repository", str(bundle_repo), "--port", str(port), "--max-delay-ms", "900", "--max-batch", "1024"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
@@ -163,6 +164,10 @@ def test_sigterm_finishes_in_flight_requests(bundle_repo, mnist_digits):
     try:
         _wait_live(url, proc)
         files = [("f", png(digits[i])) for i in range(8)]
+        one = png(digits[8])
+        held = socket.create_connection(("127.0.0.1", port))
+        head = f"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(one)}\r\n\r\n"
+        held.sendall(head.encode() + one[:10])
 
         def call() -> None:
             try:
@@ -174,6 +179,11 @@ def test_sigterm_finishes_in_flight_requests(bundle_repo, mnist_digits):
         t.start()
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        held.sendall(one[10:])
+        held.settimeout(30)
+        held_answer = held.recv(65536)
+        held.close()
         t.join(30)
         code = proc.wait(30)
     finally:
@@ -182,6 +192,7 @@ def test_sigterm_finishes_in_flight_requests(bundle_repo, mnist_digits):
     assert "error" not in result, result
     r = result["response"]
     assert r.status_code == 200 and len(r.json()["results"]) == 8  # type: ignore[union-attr]
+    assert held_answer.startswith(b"HTTP/1.1 200"), held_answer[:200]
     assert code == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/healthz", timeout=2)
