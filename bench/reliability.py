@@ -586,7 +586,9 @@ def _lost(r: dict[str, Any]) -> int:
     return r["sent"] - r["answered"]
 
 
-async def overload(env: Env, seconds: float = 60, capacity_seconds: float = 10, queue_size: int = 256) -> Outcome:
+async def overload(
+    env: Env, seconds: float = 60, capacity_seconds: float = 10, queue_size: int = 256, after_s: float = 8
+) -> Outcome:
     """Capacity from a closed loop, then 2x that as open-loop arrivals; the queue, memory, answers and recovery."""
     import httpx
 
@@ -617,7 +619,7 @@ async def overload(env: Env, seconds: float = 60, capacity_seconds: float = 10, 
         t_load = time.monotonic()
         gen = await Generator(GenSpec(srv.port, reqs, "open", rate=rate, seconds=seconds, timeout_s=120), env.workdir).start()
         t_stop = await gen.wait_event("stop", seconds + 60)
-        await asyncio.sleep(8)  # probes after the load stopped
+        await asyncio.sleep(after_s)  # probes after the load stopped
         stop.set()
         await asyncio.gather(probe_task, samp_task)
         r = await gen.wait()

@@ -27,10 +27,11 @@ def _run(coro, not_at_ci_size: tuple[str, ...] = ()) -> rel.Outcome:
 
 
 def test_overload_sheds_with_retry_after_and_recovers(env: rel.Env) -> None:
-    # 12 s instead of 60: the connection ramp (~2,000 sockets opening) takes a few seconds of it, so "RSS flat from a
-    # quarter in" and "recovered within 5 s" are checked at full size only; here: bounded memory and recovery
+    # 12 s instead of 60: the connection ramp (~2,000 sockets opening) takes a few seconds of it, and connects the
+    # kernel dropped at the ramp come back for up to ~15 s (SYN back-off), so "RSS flat from a quarter in" and
+    # "recovered within 5 s" are checked at full size only; here: bounded memory, and recovery within 20 s
     o = _run(
-        rel.overload(env, seconds=12, capacity_seconds=3, queue_size=64),
+        rel.overload(env, seconds=12, capacity_seconds=3, queue_size=64, after_s=20),
         not_at_ci_size=("RSS flat (<=5%)", "latency recovered within 5 s"),
     )
     f = o.figures
@@ -38,7 +39,7 @@ def test_overload_sheds_with_retry_after_and_recovers(env: rel.Env) -> None:
     assert f["statuses"].get("503", 0) > 0, "2x capacity must shed something"
     assert f["queue_depth_max"] <= 64 and f["in_progress_max"] <= 512
     assert f["rss_max_mb"] < 400, "the issue's memory ceiling for the default bundle"
-    assert f["recovery_s"] is not None and f["recovery_s"] < 15
+    assert f["recovery_s"] is not None and f["recovery_s"] < 20
 
 
 def test_soak_keeps_memory_and_fds_flat(env: rel.Env) -> None:
