@@ -4,6 +4,7 @@ lifespan drains every model's queue and the process exits 0."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -23,6 +24,14 @@ def configure_logging(level: str) -> None:
 
 
 class _Server(uvicorn.Server):
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        # Everything alive now (modules, the app, the sessions) lives as long as the process: move it out of the
+        # collector's sight, so a full collection under load walks only what requests allocated, not ~70k
+        # start-up objects (a ~20-40 ms pause here, the kind that shows up in p99).
+        gc.collect()
+        gc.freeze()
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         """As uvicorn's, minus re-raising the signal afterwards: a finished graceful shutdown exits 0, not -15."""
