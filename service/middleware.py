@@ -4,6 +4,7 @@ and per-route request metrics."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from starlette.routing import BaseRoute, Match
@@ -11,6 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import BodyTimeout, Overloaded, PayloadTooLarge, error_response
 from service.metrics import Metrics
+
+log = logging.getLogger("symguard.admission")
+SHED_LOG_EVERY_S = 10.0  # one line per interval under overload, not one per refused request
 
 UNLIMITED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # health, metrics, docs, model lists: cheap, and must
 # keep answering under overload (a scrape that times out hides the overload it should show)
@@ -38,6 +42,8 @@ class Admission:
         self.limit = limit
         self.metrics = metrics
         self.in_flight = in_flight
+        self._shed_since_log = 0
+        self._last_log = float("-inf")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in UNLIMITED_METHODS:
@@ -45,6 +51,7 @@ class Admission:
         flight = self.in_flight
         if flight.count >= self.limit:
             self.metrics.shed.inc()
+            self._log_shed()
             err = Overloaded(f"{flight.count} requests are in progress (limit {self.limit}); retry shortly")
             return await error_response(err)(scope, receive, send)
         flight.count += 1  # one event loop, no await between the check and this: no lock needed
@@ -54,6 +61,14 @@ class Admission:
         finally:
             flight.count -= 1
             self.metrics.in_progress.set(flight.count)
+
+    def _log_shed(self) -> None:
+        self._shed_since_log += 1
+        now = time.monotonic()
+        if now - self._last_log >= SHED_LOG_EVERY_S:
+            log.warning("overloaded: %d request(s) refused with 503 since the last line (max_in_flight %d)",
+                        self._shed_since_log, self.limit)  # fmt: skip
+            self._shed_since_log, self._last_log = 0, now
 
 
 class BodyLimit:

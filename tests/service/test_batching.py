@@ -95,7 +95,7 @@ def test_full_queue_answers_503_with_retry_after(bundle_repo, mnist_digits):
     assert all(len(r.json()["results"]) == 64 for r in bodies if r.status_code == 200)
 
 
-def test_requests_past_max_in_flight_get_503_before_their_body_is_read(bundle_repo, mnist_digits):
+def test_requests_past_max_in_flight_get_503_before_their_body_is_read(bundle_repo, mnist_digits, caplog):
     """Two requests whose bodies are still arriving hold both places; the third is refused at the door with
     Retry-After, GETs (metrics, health) still answer, and once the two finish, scoring is open again."""
     digit = moved_png(mnist_digits[0][0], 0, False)
@@ -110,6 +110,7 @@ def test_requests_past_max_in_flight_get_503_before_their_body_is_read(bundle_re
             assert refused.json()["code"] == "overloaded" and refused.headers["retry-after"] == "1"
             assert c.get("/healthz").status_code == 200
             assert "symguard_requests_shed_total 1.0" in c.get("/metrics").text
+            assert any("overloaded: 1 request(s) refused" in r.getMessage() for r in caplog.records), "shedding is logged"
             for sock in held:  # the rest of each body: both are scored
                 sock.sendall(digit[len(digit) // 2 :])
                 assert sock.recv(65536).startswith(b"HTTP/1.1 200"), "a held request must still be answered"
