@@ -65,7 +65,8 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(Admission, limit=settings.max_in_flight, metrics=metrics, in_flight=in_flight)  # outside BodyLimit: sheds first
+    # Admission sits outside BodyLimit: a request it refuses is answered before anything reads its body.
+    app.add_middleware(Admission, limit=settings.max_in_flight, metrics=metrics, in_flight=in_flight)
     # RequestMetrics is added last, so it is outermost and also counts the early 503s and 413s.
     routes = [*health_router.routes, *v1_router.routes, *v2_router.routes]  # labels are the unprefixed templates
     app.add_middleware(RequestMetrics, metrics=metrics, routes=routes)

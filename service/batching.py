@@ -1,7 +1,8 @@
 """Micro-batching: one worker per served model turns many small requests into one session.run.
 
 The worker takes the first waiting request, then keeps taking more until it holds max_batch images or max_delay
-has passed (or no other request is in progress, so none is coming: a lone request does not wait), runs them as ONE batch on its own thread (never on the event loop), and hands each caller its rows.
+has passed (or no other request is in progress, so none can come: a lone request does not wait), runs them as ONE
+batch on its own thread (never on the event loop), and hands each caller its rows.
 The queue is bounded: a full queue is a 503 with Retry-After, not unbounded memory and latency.
 """
 

@@ -54,7 +54,9 @@ class Metrics:
             "symguard_requests_in_progress", "Non-GET requests being read, decoded, queued or scored.", registry=r
         )
         self.shed = Counter(
-            "symguard_requests_shed", "Requests refused with 503 at the door: max_in_flight were in progress.", registry=r
+            "symguard_requests_shed",
+            "Requests refused with 503 at the door: max_in_flight were in progress.",
+            registry=r,
         )
         self.inference_duration = Histogram(
             "symguard_inference_duration_seconds",
