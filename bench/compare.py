@@ -34,7 +34,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.flops import count_graph  # noqa: E402
-from bench.workload import BOUNDARY, digits_png, multipart  # noqa: E402
+from bench.workload import BOUNDARY, digits_png, free_port, multipart  # noqa: E402
 
 BUNDLE_REF = "mnist-multiple-flip:2"
 BUNDLE_DIR = ROOT / "models/repository/mnist-multiple-flip/2"
@@ -60,12 +59,6 @@ PY = sys.executable
 
 
 # ---------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -36,8 +36,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.compare import BUNDLE_REF, free_port, write_bodies  # noqa: E402
-from bench.workload import digits_png, multipart  # noqa: E402
+from bench.compare import BUNDLE_REF, write_bodies  # noqa: E402
+from bench.workload import digits_png, free_port, multipart  # noqa: E402
 
 # first match wins, tested innermost frame outwards: (stage, substring of "function (file)")
 RULES: list[tuple[str, str]] = [

