@@ -30,7 +30,19 @@ class _Enough(Exception):
     pass
 
 
-def child(n: int, dim: int, k: int, chunk: int, chunks: int, threads: int) -> dict:
+def recall_at_k(x, idx, k: int, queries: int = 1000) -> float:
+    """Share of the exact k nearest neighbours that `idx` holds, over `queries` random rows (brute force, 100 at a time)."""
+    import torch
+
+    rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:queries]
+    hits = 0
+    for part in rows.split(100):
+        exact = torch.topk(torch.cdist(x[part], x), k, largest=False).indices
+        hits += sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(exact, idx[part]))
+    return hits / (len(rows) * k)
+
+
+def child(n: int, dim: int, k: int, chunk: int, chunks: int, threads: int, method: str) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -48,19 +60,27 @@ def child(n: int, dim: int, k: int, chunk: int, chunks: int, threads: int) -> di
         return real_topk(*args, **kwargs)
 
     pseudolabels.torch.topk = counting_topk  # the module's own `torch` is the global one: only in this child
+    if method == "hnsw":
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
     t0 = time.perf_counter()
     try:
-        idx, _ = pseudolabels.knn(x, k, chunk=chunk)
+        idx, _ = pseudolabels.knn(x, k, chunk=chunk, method=method)
         complete = True
     except _Enough:
         complete = False
     wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    pseudolabels.torch.topk = real_topk
+    recall = recall_at_k(x, idx, k) if method == "hnsw" else 1.0
     total_chunks = math.ceil(n / chunk)
     return {
-        "n": n, "dim": dim, "k": k, "chunk": chunk, "threads": threads, "complete": complete,
+        "n": n, "dim": dim, "k": k, "method": method, "recall_at_k": recall, "chunk": chunk, "threads": threads,
+        "complete": complete,
         "chunks_run": calls[0], "chunks_total": total_chunks, "wall_s": wall,
         "wall_s_all_chunks": wall if complete else wall / calls[0] * total_chunks,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_mb_after_data": rss_data,
+        "peak_rss_mb": peak, "rss_mb_after_data": rss_data,
         "distance_block_mb": chunk * n * 4 / 2**20, "result_mb": n * k * (8 + 4) / 2**20,
     }  # fmt: skip
 
@@ -73,20 +93,22 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=2048, help="query rows per chunk (knn's default: 2048)")
     p.add_argument("--chunks", type=int, default=0, help="stop after this many chunks (0: run them all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--method", choices=["exact", "hnsw"], default="exact", help="knn's search (hnsw: faiss)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.n[0], a.dim, a.k, a.chunk, a.chunks, a.threads)))
+        print(json.dumps(child(a.n[0], a.dim, a.k, a.chunk, a.chunks, a.threads, a.method)))
         return 0
     for n in a.n:
         cmd = [sys.executable, __file__, "--child", "--n", str(n), "--dim", str(a.dim), "--k", str(a.k),
-               "--chunk", str(a.chunk), "--chunks", str(a.chunks), "--threads", str(a.threads)]  # fmt: skip
+               "--chunk", str(a.chunk), "--chunks", str(a.chunks), "--threads", str(a.threads), "--method", a.method]  # fmt: skip
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         how = "measured" if r["complete"] else f"{r['chunks_run']} of {r['chunks_total']} chunks measured, extrapolated"
-        print(f"N={n:,} dim={a.dim} k={a.k} chunk={a.chunk}: {r['wall_s_all_chunks']:.1f} s ({how}; "
+        print(f"N={n:,} dim={a.dim} k={a.k} {a.method} chunk={a.chunk}: {r['wall_s_all_chunks']:.1f} s ({how}; "
               f"{r['wall_s']:.1f} s run), peak RSS {r['peak_rss_mb']:,.0f} MB "
               f"(embeddings loaded: {r['rss_mb_after_data']:,.0f} MB; one [chunk, N] float32 block "
-              f"{r['distance_block_mb']:,.0f} MB; the [N, k] result {r['result_mb']:,.0f} MB)")  # fmt: skip
+              f"{r['distance_block_mb']:,.0f} MB; the [N, k] result {r['result_mb']:,.0f} MB), "
+              f"recall@k {r['recall_at_k']:.3f}")  # fmt: skip
         print("  " + json.dumps(r))
     return 0
 

@@ -52,8 +52,8 @@ sys.path.insert(0, str(ROOT))
 from bench.flops import count_graph  # noqa: E402
 from bench.workload import BOUNDARY, digits_png, free_port, multipart  # noqa: E402
 
-BUNDLE_REF = "mnist-multiple-flip:2"
-BUNDLE_DIR = ROOT / "models/repository/mnist-multiple-flip/2"
+BUNDLE_REF = "mnist-multiple-flip:3"
+BUNDLE_DIR = ROOT / "models/repository/mnist-multiple-flip/3"
 BENTO_VENV = ROOT / "bench/.venv-bentoml"
 PY = sys.executable
 

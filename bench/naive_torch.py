@@ -4,7 +4,8 @@ The research model is `models.networks.Bundle` (encoder + level head + class hea
 bundle ships only its ONNX graph (its torch checkpoint lives in the git-ignored runs/), so the torch module is
 rebuilt from the graph's initializers: named ones (`encoder.embed.0.weight`, ...) map one to one onto the
 state dict; the group-conv filter banks and biases are exported as the raw flattened parameters that feed each
-`Gather` / `Tile` node, in layer order, and the pose field is a `MatMul` by its transposed weight.
+`Gather` / `Tile` node, in layer order (the four feature stages, then the two 1x1 group convs of the pose head),
+and an older graph's linear pose field is a `MatMul` by its transposed weight.
 
     python bench/naive_torch.py --check            # parity with ONNX Runtime (max abs diff per output)
     python bench/naive_torch.py --port 8101        # the naive FastAPI app on 127.0.0.1
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from models.networks import Bundle, Encoder, LevelHead  # noqa: E402
 from service.manifest import Manifest  # noqa: E402
 
-DEFAULT_BUNDLE = ROOT / "models/repository/mnist-multiple-flip/2"
+DEFAULT_BUNDLE = ROOT / "models/repository/mnist-multiple-flip/3"
 
 
 def torch_from_onnx(graph_path: Path) -> Bundle:
@@ -44,14 +45,7 @@ def torch_from_onnx(graph_path: Path) -> Bundle:
     chans = [len(named[f"encoder.features.{i}.1.bn.weight"]) for i in range(4)]
     embed_dim, hidden = named["encoder.embed.2.weight"].shape[0], named["level.net.0.weight"].shape[0]
     in_ch = m.graph.input[0].type.tensor_type.shape.dim[1].dim_value
-    head = None
-    if "class_head.weight" in named:
-        head = torch.nn.Linear(embed_dim, named["class_head.weight"].shape[0])
-    model = Bundle(Encoder(tuple(chans[:3]), embed_dim, in_ch), LevelHead(embed_dim, hidden), head)
-    state = model.state_dict()
-    for k, v in named.items():
-        state[k] = torch.from_numpy(v.copy())
-    # unnamed: per conv layer, the Gather feeds the raw weight, the Tile the raw bias; then the pose-field MatMul
+    # unnamed: per group conv, the Gather feeds the raw weight, the Tile the raw bias; an old pose field, a MatMul
     gathers, tiles, matmul = [], [], None
     for node in m.graph.node:
         raw = [i for i in node.input if i in inits and i.startswith("onnx::")]
@@ -63,13 +57,22 @@ def torch_from_onnx(graph_path: Path) -> Bundle:
             tiles.append(inits[raw[0]])
         elif node.op_type == "MatMul":
             matmul = inits[raw[0]]
-    if len(gathers) != 4 or len(tiles) != 4 or matmul is None:
+    if len(gathers) != len(tiles) or len(gathers) not in (4, 6) or (len(gathers) == 4) != (matmul is not None):
         raise ValueError(f"unexpected graph: {len(gathers)} gathers, {len(tiles)} tiles, matmul={matmul is not None}")
-    for i, (w, b) in enumerate(zip(gathers, tiles)):
-        conv = f"encoder.features.{i}.0"
+    pose_hidden = len(tiles[4]) if len(tiles) == 6 else 0
+    head = None
+    if "class_head.weight" in named:
+        head = torch.nn.Linear(embed_dim, named["class_head.weight"].shape[0])
+    model = Bundle(Encoder(tuple(chans[:3]), embed_dim, in_ch, pose_hidden), LevelHead(embed_dim, hidden), head)
+    state = model.state_dict()
+    for k, v in named.items():
+        state[k] = torch.from_numpy(v.copy())
+    convs = [f"encoder.features.{i}.0" for i in range(4)] + ["encoder.pose_head.0", "encoder.pose_head.2"]
+    for conv, w, b in zip(convs, gathers, tiles):
         state[f"{conv}.weight"] = torch.from_numpy(w.copy()).reshape(state[f"{conv}.weight"].shape)
         state[f"{conv}.bias"] = torch.from_numpy(b.copy()).reshape(state[f"{conv}.bias"].shape)
-    state["encoder.pose_field.weight"] = torch.from_numpy(matmul.T.copy())
+    if matmul is not None:
+        state["encoder.pose_field.weight"] = torch.from_numpy(matmul.T.copy())
     model.load_state_dict(state)
     return model.eval()
 

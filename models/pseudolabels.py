@@ -1,18 +1,33 @@
 """Pseudo-labels for the symmetry level: the spread of poses among each input's nearest neighbours.
 
 Neighbours are found in the invariant embedding, so an input's neighbours are the same shape in other poses.
-Memory is O(N·k): distances are computed one chunk of queries at a time, never as a dense N×N matrix.
+Memory is O(N·k): distances are computed one chunk of queries at a time, never as a dense N×N matrix. Past
+EXACT_MAX_N inputs an HNSW index (faiss) replaces the exact search, whose time grows as N².
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
-def knn(x: torch.Tensor, k: int, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours (self included) of every row of x. -> (indices [N,k], distances [N,k])."""
+EXACT_MAX_N = 200_000  # above this, "auto" uses an HNSW index: the exact search's O(N²) time is hours at 10⁶
+
+
+def knn(x: torch.Tensor, k: int, chunk: int = 2048, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """k nearest neighbours (self included) of every row of x. -> (indices [N,k], distances [N,k]).
+
+    exact: chunked brute force, O(N·(chunk + k)) memory. hnsw: a faiss HNSW graph, O(N·(dim + M)) memory and
+    roughly N·log N time, approximate (bench/bench_knn.py measures its recall). auto: exact up to EXACT_MAX_N rows.
+    """
+    if method == "auto":
+        method = "exact" if len(x) <= EXACT_MAX_N else "hnsw"
+    if method == "hnsw":
+        return _knn_hnsw(x, k, chunk)
+    if method != "exact":
+        raise ValueError(f"knn method must be auto, exact or hnsw, not {method!r}")
     k = min(k, len(x))
     sq = (x * x).sum(1)
     idx, dist = torch.empty(len(x), k, dtype=torch.long), torch.empty(len(x), k)
@@ -24,12 +39,39 @@ def knn(x: torch.Tensor, k: int, chunk: int = 2048) -> tuple[torch.Tensor, torch
     return idx, dist
 
 
+HNSW_LINKS = 32  # M: neighbours per node in the graph; 32 is faiss's usual choice for ~32-dim data
+HNSW_EF_CONSTRUCTION = 64
+
+
+def _knn_hnsw(x: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        import faiss  # optional: only needed for inputs above EXACT_MAX_N (the train extra installs it)
+    except ImportError as e:
+        raise RuntimeError("knn method 'hnsw' needs faiss-cpu: pip install 'symguard[train]'") from e
+    k = min(k, len(x))
+    data = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+    index = faiss.IndexHNSWFlat(data.shape[1], HNSW_LINKS)
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index.add(data)
+    index.hnsw.efSearch = max(2 * k, 64)  # the candidate list must hold at least k
+    idx, dist = torch.empty(len(x), k, dtype=torch.long), torch.empty(len(x), k)
+    step = max(chunk, 16_384)
+    for i in range(0, len(x), step):
+        d2, j = index.search(data[i : i + step], k)
+        idx[i : i + step], dist[i : i + step] = torch.from_numpy(j), torch.from_numpy(d2).clamp_min_(0.0).sqrt_()
+    return idx, dist
+
+
 def level_from_angles(abs_angles: torch.Tensor, keep: torch.Tensor, family: str) -> torch.Tensor:
-    """Width estimate from |ψ| of the kept neighbours: uniform U(-θ,θ) has E|ψ| = θ/2; a half-normal has E|ψ| = σ√(2/π)."""
-    mean_abs = (abs_angles * keep).sum(1) / keep.sum(1).clamp_min(1)
+    """Width estimate from |ψ| of the kept neighbours, through the median: U(-θ,θ) has median |ψ| = θ/2, and a
+    half-normal has median |ψ| = 0.6745σ. The mean (E|ψ| = θ/2, σ√(2/π)) estimates the same widths, but pose errors
+    are heavy-tailed (a wrong "which way is up" is off by 90° or more), and on the default bundle's poses the mean
+    put every class's width 15-70° too high where the median kept half of that (models/RESULTS.md)."""
+    a = torch.where(keep.bool(), abs_angles, torch.nan)
+    med = a.nanmedian(dim=1).values.nan_to_num(0.0)
     if family == "gaussian":
-        return mean_abs * math.sqrt(math.pi / 2.0)
-    return 2.0 * mean_abs
+        return med / 0.6745
+    return 2.0 * med
 
 
 def _von_mises_density(centres_deg: torch.Tensor, grid_deg: torch.Tensor, kappa: float) -> torch.Tensor:
@@ -57,7 +99,7 @@ def cyclic_order(angles_deg: torch.Tensor, max_order: int = 8, kappa: float = 30
 
 def knn_pseudo_labels(
     emb: torch.Tensor, angle_deg: torch.Tensor, reflection_logit: torch.Tensor, k: int = 32, family: str = "uniform",
-    outlier_quantile: float = 0.98,
+    outlier_quantile: float = 0.98, knn_method: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (labels [N,2] = (width in degrees, reflection rate), mask [N] of inputs to train on).
 
@@ -67,7 +109,7 @@ def knn_pseudo_labels(
     median + 5·MAD rule) is left out of that average, and an input whose neighbourhood is unusually far away in the
     embedding (top 1 - outlier_quantile of mean distance) gets no label at all rather than a wrong one.
     """
-    idx, dist = knn(emb, k)
+    idx, dist = knn(emb, k, method=knn_method)
     if family == "cyclic":  # the level is half the group's period, 180°/n, n from KL to the C_1..C_8 templates
         width = 180.0 / cyclic_order(angle_deg[idx]).float()
     else:

@@ -46,6 +46,7 @@ class TrainConfig:
     temperature: float = 0.2
     warmup: float = 0.1  # fraction of steps spent warming up the learning rate
     channels: tuple[int, int, int] = (8, 16, 24)
+    pose_hidden: int = 32  # fields in the equivariant MLP that reads the pose off the pooled fields (0: linear)
     embed_dim: int = 32
     knn: int = 32
     level_steps: int = 2000
@@ -71,7 +72,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     print(f"[train] {spec.name}: {len(src.train.images)} train / {len(src.calib.images)} calib / {len(src.test.images)} test sources")
 
     # ------------------------------------------------------------------ 2. autoencoder
-    enc = Encoder(cfg.channels, cfg.embed_dim, src.input.channels)
+    enc = Encoder(cfg.channels, cfg.embed_dim, src.input.channels, cfg.pose_hidden)
     dec = Decoder(cfg.embed_dim, src.input.size, src.input.channels)
     params = list(enc.parameters()) + list(dec.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
@@ -267,7 +268,7 @@ def load_checkpoint(path: Path):
     if ck.get("stage") != "done":
         raise RuntimeError(f"{path} is an unfinished run (stage {ck.get('stage')!r}); run `symguard train` again to resume")
     cfg = ck["config"]
-    enc = Encoder(tuple(cfg["channels"]), cfg["embed_dim"], ck["input"]["channels"])
+    enc = Encoder(tuple(cfg["channels"]), cfg["embed_dim"], ck["input"]["channels"], cfg.get("pose_hidden", 0))
     enc.load_state_dict(ck["encoder"])
     level = LevelHead(cfg["embed_dim"])
     level.load_state_dict(ck["level"])

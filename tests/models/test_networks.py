@@ -62,9 +62,10 @@ def test_even_size_with_stride_two_is_not_equivariant():
         assert (lift(gx) - _regular_act(lift(x), (1, False))).abs().max() > 1e-2
 
 
-def test_encoder_pose_moves_with_the_group_and_embedding_is_invariant():
+@pytest.mark.parametrize("pose_hidden", [0, 8], ids=["linear-pose-field", "mlp-pose-head"])
+def test_encoder_pose_moves_with_the_group_and_embedding_is_invariant(pose_hidden: int):
     torch.manual_seed(1)
-    enc = Encoder((4, 8, 8), 16).eval()
+    enc = Encoder((4, 8, 8), 16, pose_hidden=pose_hidden).eval()
     x = torch.rand(6, 1, 29, 29)
     with torch.no_grad():
         emb, pose, logit, *_ = enc(x)

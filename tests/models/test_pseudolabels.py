@@ -69,3 +69,30 @@ def test_cyclic_pseudo_labels_are_the_period_per_cluster():
     labels, _ = knn_pseudo_labels(emb, angle, -torch.ones(2 * n), k=64, family="cyclic")
     assert (labels[:n, 0] == 90.0).float().mean() > 0.98  # half of C2's period
     assert (labels[n:, 0] == 45.0).float().mean() > 0.98
+
+
+def test_width_survives_heavy_tailed_pose_errors():
+    """30% of poses are "which way is up" misses, spread over the whole circle, too many for the MAD mask to drop:
+    the median-based width stays near the truth (30°) where a mean-based one would read ~75°."""
+    g = torch.Generator().manual_seed(5)
+    n = 2000
+    emb = torch.randn(n, 4, generator=g) * 0.01
+    angle = (torch.rand(n, generator=g) * 2 - 1) * 30
+    miss = torch.rand(n, generator=g) < 0.3
+    angle[miss] = (torch.rand(int(miss.sum()), generator=g) * 2 - 1) * 180
+    labels, _ = knn_pseudo_labels(emb, angle, -torch.ones(n), k=400)
+    assert abs(labels[:, 0].mean().item() - 30) < 12.0
+
+
+def test_hnsw_index_finds_the_exact_neighbours_on_clustered_embeddings():
+    g = torch.Generator().manual_seed(6)
+    centres = torch.randn(50, 16, generator=g) * 3
+    x = centres[torch.randint(0, 50, (20_000,), generator=g)] + torch.randn(20_000, 16, generator=g) * 0.5
+    exact_i, _ = knn(x, 16, method="exact")
+    ann_i, ann_d = knn(x, 16, method="hnsw")
+    recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ann_i, exact_i)) / exact_i.numel()
+    assert recall > 0.95
+    assert (ann_i[:, 0] == torch.arange(len(x))).float().mean() > 0.99  # itself first
+    true_d = (x[:, None, :] - x[ann_i]).norm(dim=2)  # the distances it reports are those of the rows it returns
+    assert torch.allclose(ann_d, true_d, atol=1e-3, rtol=1e-4)
+    assert (ann_d[:, 1:] >= ann_d[:, :-1] - 1e-5).all()  # sorted nearest first, as the exact search returns
