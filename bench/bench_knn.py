@@ -104,10 +104,10 @@ def main() -> int:
                "--chunk", str(a.chunk), "--chunks", str(a.chunks), "--threads", str(a.threads), "--method", a.method]  # fmt: skip
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         how = "measured" if r["complete"] else f"{r['chunks_run']} of {r['chunks_total']} chunks measured, extrapolated"
+        parts = (f"one [chunk, N] float32 block {r['distance_block_mb']:,.0f} MB; " if a.method == "exact" else "")
         print(f"N={n:,} dim={a.dim} k={a.k} {a.method} chunk={a.chunk}: {r['wall_s_all_chunks']:.1f} s ({how}; "
-              f"{r['wall_s']:.1f} s run), peak RSS {r['peak_rss_mb']:,.0f} MB "
-              f"(embeddings loaded: {r['rss_mb_after_data']:,.0f} MB; one [chunk, N] float32 block "
-              f"{r['distance_block_mb']:,.0f} MB; the [N, k] result {r['result_mb']:,.0f} MB), "
+              f"{r['wall_s']:.1f} s run), peak RSS {r['peak_rss_mb']:,.0f} MB (embeddings loaded: "
+              f"{r['rss_mb_after_data']:,.0f} MB; {parts}the [N, k] result {r['result_mb']:,.0f} MB), "
               f"recall@k {r['recall_at_k']:.3f}")  # fmt: skip
         print("  " + json.dumps(r))
     return 0

@@ -21,7 +21,8 @@ Load: bench/loadgen.py (closed loop: each client sends its next request when the
 process, measuring the steady state (see its docstring for why not wrk); concurrency 1, 8, 64; single-image
 requests (raw PNG body) and 32-image requests (multipart, 32 PNGs);
 each run bounded by --seconds and --max-requests. Systems run interleaved: for each scenario, A, B and C in turn
-(the order rotates per scenario), while the two others sit idle. Server CPU% (100% = one core) and peak RSS
+(the order rotates per scenario), while the two others are stopped (SIGSTOP: on 2 cores an idle BentoML or torch
+server's background threads took CPU from the one under load), and D's second measurement runs with all stopped. Server CPU% (100% = one core) and peak RSS
 (summed over the server's process tree, sampled every 0.2 s) come from psutil.
 Results: a table on stdout and a JSON file under runs/bench/ (git-ignored).
 """
@@ -39,6 +40,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,10 +114,20 @@ class Server:
                 break
         return time.perf_counter() - t0
 
+    def signal(self, sig: int) -> None:
+        """To the whole process tree: BentoML's workers run in sessions of their own, out of reach of killpg."""
+        if self.proc is not None and self.proc.poll() is None:
+            for p in self.tree():
+                try:
+                    p.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         try:
+            self.signal(signal.SIGCONT)  # a stopped process would hold SIGTERM pending (compare killed mid-run)
             os.killpg(self.proc.pid, signal.SIGTERM)  # our own session: the server and the workers it spawned
             self.proc.wait(30)
         except (subprocess.TimeoutExpired, ProcessLookupError):
@@ -122,6 +135,20 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@contextmanager
+def alone(active: dict[str, Server], key: str) -> Iterator[Server | None]:
+    """The other servers are stopped (SIGSTOP) while `key` is measured: on two cores an idle server's background
+    threads (BentoML's dispatcher and monitors, torch's pool) would otherwise take CPU from the one under load."""
+    others = [s for k, s in active.items() if k != key]
+    for s in others:
+        s.signal(signal.SIGSTOP)
+    try:
+        yield active.get(key)
+    finally:
+        for s in others:
+            s.signal(signal.SIGCONT)
 
 
 def servers(threads: int, c_args: list[str] | None = None) -> dict[str, Server]:
@@ -399,7 +426,8 @@ def main() -> int:
                 rot = order[k % len(order) :] + order[: k % len(order)]
                 k += 1
                 for key in rot:
-                    r = run_load(active[key], bodies, per, conc, seconds, a.max_requests)
+                    with alone(active, key) as server:
+                        r = run_load(server, bodies, per, conc, seconds, a.max_requests)
                     runs.append(r)
                     print(f"  {r.scenario:<18} {key}: {r.images_per_s:8,.0f} img/s  p50 {r.p50_ms:7.1f} ms  "
                           f"p99 {r.p99_ms:7.1f} ms  cpu {r.cpu_pct:4.0f}%  rss {r.peak_rss_mb:5.0f} MB  "
@@ -410,14 +438,16 @@ def main() -> int:
         peak = max(r.images_per_s for r in runs if r.system == "C" and r.per_request == 1)
         c1 = next(r for r in runs if r.system == "C" and r.per_request == 1 and r.concurrency == min(a.concurrency))
         delay = max(0.0, 1000.0 * 8 / (peak / 2) - c1.p50_ms)
-        half = run_load(active["C"], bodies, 1, 8, seconds, a.max_requests, think_ms=delay)
+        with alone(active, "C") as server:
+            half = run_load(server, bodies, 1, 8, seconds, a.max_requests, think_ms=delay)
         half.scenario = f"1 img/req, 8 clients at ~half of C's peak ({peak:,.0f}/2)"
         runs.append(half)
         print(f"  half-peak: {half.images_per_s:,.0f} img/s, p50 {half.p50_ms:.1f} ms, p99 {half.p99_ms:.1f} ms")
 
         for s in active.values():
             s.wait_idle()
-        d_end = ort_limit(a.threads, 0.5 if a.skip_d else 2.0 if a.quick else 5.0)
+        with alone(active, ""):  # every server stopped
+            d_end = ort_limit(a.threads, 0.5 if a.skip_d else 2.0 if a.quick else 5.0)
         print("D again after the HTTP runs: " + ", ".join(f"{b}: {v:,.0f}" for b, v in d_end.items()))
         d_start = dict(d)
         d = {b: max(d_start[b], d_end[b]) for b in d}
