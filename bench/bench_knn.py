@@ -31,7 +31,8 @@ class _Enough(Exception):
 
 
 def recall_at_k(x, idx, k: int, queries: int = 1000) -> float:
-    """Share of the exact k nearest neighbours that `idx` holds, over `queries` random rows (brute force, 100 at a time)."""
+    """Share of the exact k nearest neighbours that `idx` holds, over `queries` random rows (brute force, 100 at
+    a time)."""
     import torch
 
     rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:queries]
@@ -101,7 +102,8 @@ def main() -> int:
         return 0
     for n in a.n:
         cmd = [sys.executable, __file__, "--child", "--n", str(n), "--dim", str(a.dim), "--k", str(a.k),
-               "--chunk", str(a.chunk), "--chunks", str(a.chunks), "--threads", str(a.threads), "--method", a.method]  # fmt: skip
+               "--chunk", str(a.chunk), "--chunks", str(a.chunks), "--threads", str(a.threads),
+               "--method", a.method]  # fmt: skip
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         how = "measured" if r["complete"] else f"{r['chunks_run']} of {r['chunks_total']} chunks measured, extrapolated"
         parts = (f"one [chunk, N] float32 block {r['distance_block_mb']:,.0f} MB; " if a.method == "exact" else "")

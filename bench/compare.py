@@ -22,8 +22,9 @@ process, measuring the steady state (see its docstring for why not wrk); concurr
 requests (raw PNG body) and 32-image requests (multipart, 32 PNGs);
 each run bounded by --seconds and --max-requests. Systems run interleaved: for each scenario, A, B and C in turn
 (the order rotates per scenario), while the two others are stopped (SIGSTOP: on 2 cores an idle BentoML or torch
-server's background threads took CPU from the one under load), and D's second measurement runs with all stopped. Server CPU% (100% = one core) and peak RSS
-(summed over the server's process tree, sampled every 0.2 s) come from psutil.
+server's background threads took CPU from the one under load), and D's second measurement runs with all stopped.
+Server CPU% (100% = one core) and peak RSS (summed over the server's process tree, sampled every 0.2 s) come
+from psutil.
 Results: a table on stdout and a JSON file under runs/bench/ (git-ignored).
 """
 

@@ -7,8 +7,6 @@ EXACT_MAX_N inputs an HNSW index (faiss) replaces the exact search, whose time g
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -64,9 +62,9 @@ def _knn_hnsw(x: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.
 
 def level_from_angles(abs_angles: torch.Tensor, keep: torch.Tensor, family: str) -> torch.Tensor:
     """Width estimate from |ψ| of the kept neighbours, through the median: U(-θ,θ) has median |ψ| = θ/2, and a
-    half-normal has median |ψ| = 0.6745σ. The mean (E|ψ| = θ/2, σ√(2/π)) estimates the same widths, but pose errors
-    are heavy-tailed (a wrong "which way is up" is off by 90° or more), and on the default bundle's poses the mean
-    put every class's width 15-70° too high where the median kept half of that (models/RESULTS.md)."""
+    half-normal has median |ψ| = 0.6745σ. The mean (E|ψ| = θ/2, σ√(2/π)) estimates the same widths, but pose
+    errors are heavy-tailed (a wrong "which way is up" is off by 90° or more): on v2's poses the mean read most
+    classes' widths 15-70° higher than the median did (models/RESULTS.md)."""
     a = torch.where(keep.bool(), abs_angles, torch.nan)
     med = a.nanmedian(dim=1).values.nan_to_num(0.0)
     if family == "gaussian":
