@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: bench.workload from the repo root
-from bench.workload import digits_png, free_port  # noqa: E402
+from bench.workload import NotReady, digits_png, free_port, wait_ready  # noqa: E402
 
 
 async def scenario(
@@ -83,18 +83,12 @@ def start_server(repository: Path, threads: int | None, extra: list[str]) -> tup
         cmd += ["--intra-op-threads", str(threads)]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+    try:
+        wait_ready(url + "/readyz", proc, 120)
+    except NotReady as e:
+        proc.kill()
+        raise SystemExit(str(e)) from None
+    return proc, url
 
 
 def main() -> int:

@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.flops import count_graph  # noqa: E402
-from bench.workload import BOUNDARY, digits_png, free_port, multipart  # noqa: E402
+from bench.workload import BOUNDARY, NotReady, digits_png, free_port, multipart, wait_ready  # noqa: E402
 
 BUNDLE_REF = "mnist-multiple-flip:3"
 BUNDLE_DIR = ROOT / "models/repository/mnist-multiple-flip/3"
@@ -87,17 +87,10 @@ class Server:
         )
 
     def wait_ready(self, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{self.label} exited with {self.proc.returncode}; see its log")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit(f"{self.label} not ready in {timeout:.0f}s")
+        try:
+            wait_ready(self.url + "/readyz", self.proc, timeout, poll_s=0.5)
+        except NotReady as e:
+            raise SystemExit(f"{self.label}: {e}; see its log") from None
 
     def tree(self) -> list[psutil.Process]:
         p = psutil.Process(self.proc.pid)

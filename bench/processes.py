@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.workload import BOUNDARY, digits_png, free_port, multipart  # noqa: E402
+from bench.workload import BOUNDARY, digits_png, free_port, multipart, wait_ready  # noqa: E402
 
 CONFIGS = {"1 process x 2 threads": [2], "2 processes x 1 thread": [1, 1]}
 
@@ -32,14 +32,8 @@ def measure(threads: list[int], seconds: float, body: bytes) -> float:
         for p, t in zip(ports, threads, strict=True)
     ]
     try:
-        for p in ports:
-            for _ in range(240):
-                try:
-                    if httpx.get(f"http://127.0.0.1:{p}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+        for p, proc in zip(ports, procs, strict=True):
+            wait_ready(f"http://127.0.0.1:{p}/readyz", proc, 120, poll_s=0.5)
         done = [0] * 8
         stop = time.monotonic() + seconds
         headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}

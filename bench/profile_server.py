@@ -28,16 +28,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.compare import BUNDLE_REF, write_bodies  # noqa: E402
-from bench.workload import digits_png, free_port, multipart  # noqa: E402
+from bench.workload import digits_png, free_port, multipart, wait_ready  # noqa: E402
 
 # first match wins, tested innermost frame outwards: (stage, substring of "function (file)")
 RULES: list[tuple[str, str]] = [
@@ -121,12 +119,7 @@ def main() -> int:
                "--log-level", "warning", "--intra-op-threads", str(a.threads), *a.server_arg]  # fmt: skip
         spy = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_ready(url + "/readyz", spy, 120, poll_s=0.5)  # py-spy exits with the server it runs
         d, _, ctype = bodies[per]
         load = [sys.executable, str(ROOT / "bench/loadgen.py"), "--url", url + "/v1/score", "--bodies", str(d),
                 "--content-type", ctype, "--concurrency", str(a.concurrency), "--seconds", f"{a.seconds:g}"]  # fmt: skip

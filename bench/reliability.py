@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.workload import digits_png, free_port
+from bench.workload import NotReady, digits_png, free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "reliability-admin-token"
@@ -363,22 +363,13 @@ class Proc:
         return cls(argv, port, workdir / f"{name}-{port}.log")
 
     def start(self, timeout: float = 120) -> Proc:
-        import httpx
-
         with open(self.log, "ab") as out:
             self.popen = subprocess.Popen(self.argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=clean_env())
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.argv} exited {self.popen.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.argv} not ready in {timeout}s")
-            time.sleep(0.1)
+        try:
+            wait_ready(self.url + self.ready_path, self.popen, timeout, poll_s=0.1)
+        except NotReady as e:
+            raise RuntimeError(f"{self.argv}: {e}: {self.log.read_text()[-2000:]}") from None
+        return self
 
     @property
     def pid(self) -> int:

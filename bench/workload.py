@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import socket
+import subprocess
+import time
 
 import numpy as np
 from PIL import Image
@@ -35,6 +37,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class NotReady(RuntimeError):
+    """A server under test exited, or did not answer its readiness URL with 200 in time."""
+
+
+def wait_ready(ready_url: str, proc: subprocess.Popen, timeout: float = 120.0, poll_s: float = 0.2) -> None:
+    """Poll `ready_url` (a server's /readyz) until it answers 200; NotReady if `proc` exits first or time runs out."""
+    import httpx  # a dev dependency; the digit helpers above stay importable without it
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise NotReady(f"the server exited with {proc.returncode} before {ready_url} answered")
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise NotReady(f"{ready_url} not ready in {timeout:.0f}s")
+        time.sleep(poll_s)
 
 
 def multipart(images: list[bytes], boundary: str = BOUNDARY) -> bytes:
