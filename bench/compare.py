@@ -132,17 +132,20 @@ class Server:
 
 
 @contextmanager
-def alone(active: dict[str, Server], key: str) -> Iterator[Server | None]:
-    """The other servers are stopped (SIGSTOP) while `key` is measured: on two cores an idle server's background
-    threads (BentoML's dispatcher and monitors, torch's pool) would otherwise take CPU from the one under load."""
-    others = [s for k, s in active.items() if k != key]
-    for s in others:
+def stopped(servers: list[Server]) -> Iterator[None]:
+    """`servers` are stopped (SIGSTOP) for the block: on two cores an idle server's background threads (BentoML's
+    dispatcher and monitors, torch's pool) would otherwise take CPU from the one under load, or from D."""
+    for s in servers:
         s.signal(signal.SIGSTOP)
     try:
-        yield active.get(key)
+        yield
     finally:
-        for s in others:
+        for s in servers:
             s.signal(signal.SIGCONT)
+
+
+def others(active: dict[str, Server], key: str) -> list[Server]:
+    return [s for k, s in active.items() if k != key]
 
 
 def servers(threads: int, c_args: list[str] | None = None) -> dict[str, Server]:
@@ -420,8 +423,8 @@ def main() -> int:
                 rot = order[k % len(order) :] + order[: k % len(order)]
                 k += 1
                 for key in rot:
-                    with alone(active, key) as server:
-                        r = run_load(server, bodies, per, conc, seconds, a.max_requests)
+                    with stopped(others(active, key)):
+                        r = run_load(active[key], bodies, per, conc, seconds, a.max_requests)
                     runs.append(r)
                     print(f"  {r.scenario:<18} {key}: {r.images_per_s:8,.0f} img/s  p50 {r.p50_ms:7.1f} ms  "
                           f"p99 {r.p99_ms:7.1f} ms  cpu {r.cpu_pct:4.0f}%  rss {r.peak_rss_mb:5.0f} MB  "
@@ -432,15 +435,15 @@ def main() -> int:
         peak = max(r.images_per_s for r in runs if r.system == "C" and r.per_request == 1)
         c1 = next(r for r in runs if r.system == "C" and r.per_request == 1 and r.concurrency == min(a.concurrency))
         delay = max(0.0, 1000.0 * 8 / (peak / 2) - c1.p50_ms)
-        with alone(active, "C") as server:
-            half = run_load(server, bodies, 1, 8, seconds, a.max_requests, think_ms=delay)
+        with stopped(others(active, "C")):
+            half = run_load(active["C"], bodies, 1, 8, seconds, a.max_requests, think_ms=delay)
         half.scenario = f"1 img/req, 8 clients at ~half of C's peak ({peak:,.0f}/2)"
         runs.append(half)
         print(f"  half-peak: {half.images_per_s:,.0f} img/s, p50 {half.p50_ms:.1f} ms, p99 {half.p99_ms:.1f} ms")
 
         for s in active.values():
             s.wait_idle()
-        with alone(active, ""):  # every server stopped
+        with stopped(list(active.values())):
             d_end = ort_limit(a.threads, 0.5 if a.skip_d else 2.0 if a.quick else 5.0)
         print("D again after the HTTP runs: " + ", ".join(f"{b}: {v:,.0f}" for b, v in d_end.items()))
         d_start = dict(d)
