@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_knn.py --n 100000                       # the whole call, default chunk (2048)
     .venv/bin/python bench/bench_knn.py --n 1000000 --chunk 256 --chunks 16   # the first 16 query chunks only
+    .venv/bin/python bench/bench_knn.py --n 100000 1000000 --method hnsw      # faiss HNSW, with recall@k
 
 Each measurement runs in a fresh child process so its peak RSS (ru_maxrss) is its own. Dimension and k default to
 the default spec's training settings (models/train.py TrainConfig: embed_dim 32, knn 32).
