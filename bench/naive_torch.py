@@ -2,10 +2,11 @@
 
 The research model is `models.networks.Bundle` (encoder + level head + class head) in eager PyTorch. The default
 bundle ships only its ONNX graph (its torch checkpoint lives in the git-ignored runs/), so the torch module is
-rebuilt from the graph's initializers: named ones (`encoder.embed.0.weight`, ...) map one to one onto the
-state dict; the group-conv filter banks and biases are exported as the raw flattened parameters that feed each
-`Gather` / `Tile` node, in layer order (the four feature stages, then the two 1x1 group convs of the pose head),
-and an older graph's linear pose field is a `MatMul` by its transposed weight.
+rebuilt from the graph's initializers. Graphs exported since mnist-multiple-flip/4 keep every parameter under its
+state-dict name (no constant folding at export; ONNX Runtime folds at load). In older graphs the named ones
+(`encoder.embed.0.weight`, ...) map one to one onto the state dict; the group-conv filter banks and biases are the
+raw flattened parameters that feed each `Gather` / `Tile` node, in layer order (the four feature stages, then the
+two 1x1 group convs of the pose head), and an older graph's linear pose field is a `MatMul` by its transposed weight.
 
     python bench/naive_torch.py --check            # parity with ONNX Runtime (max abs diff per output)
     python bench/naive_torch.py --port 8101        # the naive FastAPI app on 127.0.0.1
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from models.networks import Bundle, Encoder, LevelHead  # noqa: E402
 from service.manifest import Manifest  # noqa: E402
 
-DEFAULT_BUNDLE = ROOT / "models/repository/mnist-multiple-flip/3"
+DEFAULT_BUNDLE = ROOT / "models/repository/mnist-multiple-flip/4"
 
 
 def torch_from_onnx(graph_path: Path) -> Bundle:
@@ -41,6 +42,8 @@ def torch_from_onnx(graph_path: Path) -> Bundle:
     m = onnx.load(str(graph_path))
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     named = {k: v for k, v in inits.items() if not k.startswith("onnx::")}
+    if "encoder.features.0.0.weight" in named:  # exported without constant folding: every parameter by name
+        return _from_state(named, m)
     # channel sizes from the BatchNorm statistics, embedding size from the embed head
     chans = [len(named[f"encoder.features.{i}.1.bn.weight"]) for i in range(4)]
     embed_dim, hidden = named["encoder.embed.2.weight"].shape[0], named["level.net.0.weight"].shape[0]
@@ -74,6 +77,19 @@ def torch_from_onnx(graph_path: Path) -> Bundle:
     if matmul is not None:
         state["encoder.pose_field.weight"] = torch.from_numpy(matmul.T.copy())
     model.load_state_dict(state)
+    return model.eval()
+
+
+def _from_state(named: dict[str, np.ndarray], m: onnx.ModelProto) -> Bundle:
+    chans = [len(named[f"encoder.features.{i}.1.bn.weight"]) for i in range(3)]
+    embed_dim, hidden = named["encoder.embed.2.weight"].shape[0], named["level.net.0.weight"].shape[0]
+    pose_hidden = len(named["encoder.pose_head.0.bias"]) if "encoder.pose_head.0.bias" in named else 0
+    head = None
+    if "class_head.weight" in named:
+        head = torch.nn.Linear(embed_dim, named["class_head.weight"].shape[0])
+    in_ch = m.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    model = Bundle(Encoder(tuple(chans), embed_dim, in_ch, pose_hidden), LevelHead(embed_dim, hidden), head)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in named.items()})
     return model.eval()
 
 

@@ -50,7 +50,7 @@ def export_onnx(model: Bundle, path: Path, spec: InputSpec, with_classes: bool) 
     out_names = [names.pose, names.reflection_logit, names.embedding, names.level] + (["class_logits"] if with_classes else [])
     dummy = torch.zeros(2, spec.channels, spec.size, spec.size)
     torch.onnx.export(
-        model.eval(), (dummy,), str(path), dynamo=False, opset_version=OPSET, do_constant_folding=True,
+        model.eval(), (dummy,), str(path), dynamo=False, opset_version=OPSET, do_constant_folding=False,
         input_names=[spec.name], output_names=out_names,
         dynamic_axes={spec.name: {0: "batch"}, **{n: {0: "batch"} for n in out_names}},
     )  # fmt: skip

@@ -73,9 +73,14 @@ class LiftingConv(nn.Module):
         self.register_buffer("index", lifting_index(tuple(self.weight.shape)), persistent=False)
         self.stride, self.pad = stride, size // 2
 
+    def bank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight.flatten()[self.index], self.bias.repeat_interleave(N_G)
+
+    def conv_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, b, self.stride, self.pad)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.flatten()[self.index]
-        return F.conv2d(x, w, self.bias.repeat_interleave(N_G), self.stride, self.pad)
+        return self.conv_with(x, *self.bank())
 
 
 class GroupConv(nn.Module):
@@ -89,9 +94,14 @@ class GroupConv(nn.Module):
         self.register_buffer("index", group_index(tuple(self.weight.shape)), persistent=False)
         self.stride, self.dilation, self.pad = stride, dilation, dilation * (size // 2)
 
+    def bank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight.flatten()[self.index], self.bias.repeat_interleave(N_G)
+
+    def conv_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, b, self.stride, self.pad, self.dilation)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.flatten()[self.index]
-        return F.conv2d(x, w, self.bias.repeat_interleave(N_G), self.stride, self.pad, self.dilation)
+        return self.conv_with(x, *self.bank())
 
 
 class FieldNorm(nn.Module):
@@ -106,9 +116,26 @@ class FieldNorm(nn.Module):
         return self.bn(x.view(n, -1, N_G, h, w)).view(n, -1, h, w)
 
 
-def block(c_in: int, c_out: int, size: int, stride: int, lifting: bool = False, dilation: int = 1) -> nn.Sequential:
+class Block(nn.Sequential):
+    """group conv -> FieldNorm -> ReLU. In eval mode the norm is folded into the conv's filter bank and bias: the
+    exported graph is then Conv -> Relu, with no 5-D reshapes around a BatchNormalization per stage (ONNX Runtime
+    folds the bank arithmetic into constants at load). One scale per field keeps the fold exactly equivariant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, norm, act = self
+        if self.training:
+            return act(norm(conv(x)))
+        bn = norm.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        w, b = conv.bank()
+        s8 = scale.repeat_interleave(N_G)
+        return act(conv.conv_with(x, w * s8[:, None, None, None], b * s8 + shift.repeat_interleave(N_G)))
+
+
+def block(c_in: int, c_out: int, size: int, stride: int, lifting: bool = False, dilation: int = 1) -> Block:
     conv = LiftingConv(c_in, c_out, size, stride) if lifting else GroupConv(c_in, c_out, size, stride, dilation)
-    return nn.Sequential(conv, FieldNorm(c_out), nn.ReLU())
+    return Block(conv, FieldNorm(c_out), nn.ReLU())
 
 
 # ---------------------------------------------------------------- encoder: invariant embedding + equivariant pose
@@ -134,6 +161,7 @@ class Encoder(nn.Module):
                  pose_hidden: int = 0):
         super().__init__()
         c1, c2, c3 = channels
+        self.fields = c3
         # "which way is up" is a property of the whole digit: the dilated last stage lets each feature see ~27 of
         # the 29 pixels (receptive fields 5, 7, 11, 27); dilation on the symmetric 8x8 grid stays exact.
         self.features = nn.Sequential(
@@ -158,14 +186,14 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor):
         f = self.features(x)
-        n, _, h, w = f.shape
-        f = f.view(n, -1, N_G, h * w)
-        fmax, f = f.amax(-1), f.mean(-1)  # [N, C, 8]: spatial pooling keeps the group axis
+        c = self.fields  # a Python int, not f.shape[1]: the reshapes below then export with constant shapes
+        # [N, C, 8]: spatial pooling keeps the group axis
+        fmax, f = f.amax((2, 3)).reshape(-1, c, N_G), f.mean((2, 3)).reshape(-1, c, N_G)
         # pooling over the orbit (mean and max over the 8 group channels) makes it invariant
         inv = torch.cat([f.mean(-1), f.amax(-1), fmax.mean(-1), fmax.amax(-1)], dim=1)
         emb = self.embed(inv)
         if self.pose_head is not None:
-            fields = self.pose_head(f.reshape(n, -1, 1, 1)).view(n, 2, N_G).transpose(1, 2)  # [N, 8, 2]
+            fields = self.pose_head(f.reshape(-1, c * N_G, 1, 1)).reshape(-1, 2, N_G).transpose(1, 2)  # [N, 8, 2]
         else:
             fields = self.pose_field(f.transpose(1, 2))  # [N, 8, 2]
         logits, cont = fields[..., 0], fields[..., 1]

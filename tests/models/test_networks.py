@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.networks import D4, N_G, Encoder, GroupConv, LiftingConv, _IDX, _inv, _mul, plane_matrix, rotate
+from models.networks import D4, N_G, Encoder, GroupConv, LiftingConv, _IDX, _inv, _mul, block, plane_matrix, rotate
 from service.geometry import apply_d4, compose
 
 
@@ -85,3 +85,19 @@ def test_rotate_is_counter_clockwise_like_rot90():
     x = torch.rand(3, 1, 29, 29)
     one, zero = torch.ones(3), torch.zeros(3)
     assert torch.allclose(rotate(x, zero, one), torch.rot90(x, 1, dims=(-2, -1)), atol=1e-5)
+
+
+def test_eval_block_folds_the_norm_into_the_conv_without_changing_the_output():
+    torch.manual_seed(3)
+    blk = block(4, 6, 3, 2)
+    blk.train()
+    for _ in range(3):  # give the running statistics something other than their initial values
+        blk(torch.randn(8, 4 * N_G, 15, 15) * 2 + 0.5)
+    blk.eval()
+    x = torch.randn(5, 4 * N_G, 15, 15)
+    conv, norm, act = blk
+    with torch.no_grad():
+        unfolded = act(norm(conv(x)))
+        folded = blk(x)
+    assert unfolded.abs().max() > 0.1
+    assert torch.allclose(folded, unfolded, atol=1e-5)
