@@ -43,6 +43,11 @@ class EvalReport(BaseModel):
     ood_accuracy: float  # calibrated verdict, anchor protocol
     ood_accuracy_hard_rule: float  # |ψ| > Θ(x), the anchor's rule
     ood_auroc: float
+    # diagnostics: which half limits the rule. The same rule with the class's true level in place of Θ(x), and
+    # with the true rotation in place of ψ(x); and the AUROC of the rotation score alone (no reflection half)
+    ood_accuracy_rule_true_level: float
+    ood_accuracy_rule_true_pose: float
+    ood_auroc_rotation_score: float
     level_mae_deg: float  # per sample
     level_class_mean_mae_deg: float
     false_alarm_rate: float
@@ -60,7 +65,9 @@ class EvalReport(BaseModel):
             f"bundle {self.bundle}  dataset {self.dataset}  alpha {self.alpha}",
             f"  OOD accuracy (calibrated)   {100 * self.ood_accuracy:6.2f}%",
             f"  OOD accuracy (|ψ| > Θ rule) {100 * self.ood_accuracy_hard_rule:6.2f}%",
-            f"  OOD AUROC                   {self.ood_auroc:8.4f}",
+            f"  OOD AUROC                   {self.ood_auroc:8.4f}   rotation score alone {self.ood_auroc_rotation_score:.4f}",
+            f"  rule with true Θ / true ψ   {100 * self.ood_accuracy_rule_true_level:6.2f}% / "
+            f"{100 * self.ood_accuracy_rule_true_pose:.2f}%   (diagnostic: which half limits the rule)",
             f"  level MAE per sample        {self.level_mae_deg:6.2f}°   class-mean {self.level_class_mean_mae_deg:.2f}°",
             f"  false-alarm rate            {100 * self.false_alarm_rate:6.2f}%   (α = {100 * self.alpha:.2f}%)",
         ]
@@ -106,6 +113,8 @@ def evaluate_bundle(manifest: Manifest, sess, src: Source, spec: DatasetSpec, se
     truth = true_excess > true_limit
     excess, limit = rotation_excess(a_rot.angle_deg, a_rot.rotation_level, family)
     pred, hard = a_rot.ood, excess > limit
+    excess_tl, limit_tl = rotation_excess(a_rot.angle_deg, tw1, family)  # learned pose, true level
+    excess_tp, limit_tp = rotation_excess(rot.numpy(), a_rot.rotation_level, family)  # true pose, learned level
 
     # reflection OOD: in-distribution rotation, mirror half of them; OOD = mirrored where the class is never mirrored
     refl_auroc = refl_acc = None
@@ -135,6 +144,9 @@ def evaluate_bundle(manifest: Manifest, sess, src: Source, spec: DatasetSpec, se
         bundle=f"{manifest.name}/{manifest.version}", dataset=spec.name, alpha=manifest.calibration.alpha,
         ood_accuracy=float(np.mean(pred == truth)), ood_accuracy_hard_rule=float(np.mean(hard == truth)),
         ood_auroc=_auroc(truth, a_rot.score), level_mae_deg=float(level_err.mean()),
+        ood_accuracy_rule_true_level=float(np.mean((excess_tl > limit_tl) == truth)),
+        ood_accuracy_rule_true_pose=float(np.mean((excess_tp > limit_tp) == truth)),
+        ood_auroc_rotation_score=_auroc(truth, a_rot.rotation_score),
         level_class_mean_mae_deg=float(np.mean(class_means)), false_alarm_rate=float(a_in.ood.mean()),
         reflection_auroc=refl_auroc, reflection_accuracy=refl_acc, per_class=rows,
     )  # fmt: skip
