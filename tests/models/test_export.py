@@ -29,6 +29,28 @@ def test_graph_has_no_image_warp(test_bundle):
     assert "Conv" in ops
 
 
+def test_graph_folds_the_field_norms_and_keeps_parameters_by_name(test_bundle, tmp_path):
+    """What serving speed and bench/naive_torch.py rely on: no BatchNormalization (each norm is folded into its conv),
+    filter banks that ONNX Runtime folds into constants at load (no shape arithmetic), and every parameter under its state-dict
+    name."""
+    import onnxruntime as ort
+
+    graph = onnx.load(str(test_bundle / "model.onnx")).graph
+    assert "BatchNormalization" not in {n.op_type for n in graph.node}
+    names = {i.name for i in graph.initializer}
+    # (randomly initialised ones: the exporter merges initializers with equal values, e.g. untrained norms' ones)
+    assert {"encoder.features.0.0.weight", "encoder.features.3.0.weight", "level.net.0.weight"} <= names
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    ort.InferenceSession(str(test_bundle / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    folded = onnx.load(opts.optimized_model_filepath).graph
+    assert not {n.op_type for n in folded.node} & {"Shape", "Tile", "BatchNormalization"}
+    constants = {i.name for i in folded.initializer}
+    convs = [n for n in folded.node if n.op_type == "Conv"]
+    assert len(convs) >= 4 and all(n.input[1] in constants and n.input[2] in constants for n in convs)
+
+
 def test_exported_graph_is_exactly_equivariant_to_quarter_turns_and_mirrors(test_bundle, digits):
     m = Manifest.load(test_bundle)
     errs = equivariance_errors(session(test_bundle / m.graph), m.outputs, digits[0].numpy())
