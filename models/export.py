@@ -49,6 +49,8 @@ def export_onnx(model: Bundle, path: Path, spec: InputSpec, with_classes: bool) 
     names = OutputNames(class_logits="class_logits" if with_classes else None)
     out_names = [names.pose, names.reflection_logit, names.embedding, names.level] + (["class_logits"] if with_classes else [])
     dummy = torch.zeros(2, spec.channels, spec.size, spec.size)
+    # No constant folding here: every parameter keeps its state-dict name in the graph (bench/naive_torch.py rebuilds
+    # the torch model from them), and ONNX Runtime folds the filter-bank and norm arithmetic into constants at load.
     torch.onnx.export(
         model.eval(), (dummy,), str(path), dynamo=False, opset_version=OPSET, do_constant_folding=False,
         input_names=[spec.name], output_names=out_names,
