@@ -34,7 +34,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         dataset=a.dataset, out=a.out, steps=a.steps, prior_steps=a.prior_steps, level_steps=a.level_steps, seed=a.seed,
-        threads=a.threads,
+        threads=a.threads, pull_order=a.pull_order,
     )
     ckpt = train(cfg, resume=not a.fresh)
     if a.no_export:
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate to calibrate for")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    t.add_argument("--pull-order", type=int, default=0, choices=[0, 1, 2, 4],
+                   help="identity pull modulo 360°/order (0: 4 for cyclic specs, else 1)")
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--no-export", action="store_true", help="stop after training")
     t.set_defaults(fn=cmd_train)

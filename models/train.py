@@ -36,6 +36,7 @@ class TrainConfig:
     batch: int = 64  # (each step also runs a rotated copy of the batch)
     lr: float = 2e-3
     pose_prior: float = 1.0  # weight of the pull of the fine pose toward the identity (and of R_δx toward δ)
+    pull_order: int = 0  # the pull is 1 - cos(order·(ψ - target)); 0: 4 for cyclic specs, else 1 (see gauge_pull)
     mirror_prior: float = 0.1  # weight of the pull of P(mirrored) toward 0
     prior_steps: int = 300  # first steps train only the identity prior (the gauge learns fastest alone)
     symmetry_breaking: float = 1.0  # cross-entropy toward the identity of D4, annealed over the first 30% ...
@@ -69,6 +70,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     run_dir = Path(cfg.out) / spec.name
     run_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(spec.seed)
+    family = spec.default.rotation if not spec.classes else next(iter(spec.classes.values())).rotation
+    order = cfg.pull_order or (4 if family == "cyclic" else 1)
     print(f"[train] {spec.name}: {len(src.train.images)} train / {len(src.calib.images)} calib / {len(src.test.images)} test sources")
 
     # ------------------------------------------------------------------ 2. autoencoder
@@ -106,9 +109,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         frac = min(1.0, step / (0.3 * cfg.steps))
         breaking = cfg.symmetry_breaking + (cfg.symmetry_breaking_final - cfg.symmetry_breaking) * frac
         if step < cfg.prior_steps:
-            loss, parts = prior_loss(enc, x, cfg)
+            loss, parts = prior_loss(enc, x, cfg, order)
         else:
-            loss, parts = autoencoder_loss(enc, dec, x, cfg, breaking)
+            loss, parts = autoencoder_loss(enc, dec, x, cfg, breaking, order)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 5.0)
@@ -124,7 +127,6 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     enc.eval()
 
     # ------------------------------------------------------------------ 3. pseudo-labels from neighbours
-    family = spec.default.rotation if not spec.classes else next(iter(spec.classes.values())).rotation
     pool = repeat(src.train, spec.copies if spec.augment else 1)
     x_pool, true_angle, true_mirror = sample(spec, pool, src.classes, gen)
     emb, angle, logit = embed_all(enc, x_pool)
@@ -153,7 +155,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     return ckpt_path
 
 
-def prior_loss(enc: Encoder, x: torch.Tensor, cfg: TrainConfig):
+def prior_loss(enc: Encoder, x: torch.Tensor, cfg: TrainConfig, order: int = 1):
     """Warm-up: only the identity prior (coarse D4 distribution, mirror, and the fine pull on x and on a rotated
     copy). Alone it finds "which way is up" within a few hundred steps; mixed with the other terms from step 0 it
     did not move in 1,000 (models/RESULTS.md)."""
@@ -163,22 +165,33 @@ def prior_loss(enc: Encoder, x: torch.Tensor, cfg: TrainConfig):
     p = torch.sigmoid(logit)
     ce = F.cross_entropy(logits[:n], torch.zeros(n, dtype=torch.long))
     mirror_pull = F.binary_cross_entropy_with_logits(logit[:n], torch.zeros(n))
-    pull = gauge_pull(z, w, p, delta)
+    pull = gauge_pull(z, w, p, delta, order)
     loss = ce + cfg.mirror_prior * mirror_pull + cfg.pose_prior * pull
     return loss, {"ce": ce.item(), "pull": pull.item(), "p_mirror": p[:n].mean().item()}
 
 
-def gauge_pull(z: torch.Tensor, w: torch.Tensor, p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def gauge_pull(z: torch.Tensor, w: torch.Tensor, p: torch.Tensor, delta: torch.Tensor, order: int = 1) -> torch.Tensor:
     """1 − cos(ψ − target) for a batch [x; R_δ x]: the pose of x is pulled toward the identity and that of its
     rotated copy toward δ. This is the anchor's pull (centre every orbit at 0); the copy carries it to the angles
-    between the exact 90° steps. Each hypothesis (unmirrored z, mirrored w) is weighted by its probability."""
+    between the exact 90° steps. Each hypothesis (unmirrored z, mirrored w) is weighted by its probability.
+
+    order k > 1 pulls ψ toward the target modulo 360°/k. Cyclic data needs it: when the inputs like x come in
+    every quarter turn, the exactly equivariant network gives them ψ + 90°·j, and Σ_j cos(ψ + 90°·j) = 0, so the
+    plain pull has no gradient at all and the pose within the period is never anchored; cos(4(ψ + 90°·j)) is
+    the same for every j, so order 4 anchors C1, C2 and C4 data."""
     target = torch.cat([torch.zeros_like(delta), delta])
+    if order != 1:
+        angle = lambda v: torch.atan2(v[:, 1], v[:, 0] + 1e-12)  # noqa: E731
+        miss = lambda v: 1 - torch.cos(order * (angle(v) - target))  # noqa: E731
+        return ((1 - p) * miss(z) + p * miss(w)).mean()
     d = torch.stack([torch.cos(target), torch.sin(target)], 1)
     unit = lambda v: v / (v.norm(dim=1, keepdim=True) + 1e-6)  # noqa: E731
     return ((1 - p) * (1 - (unit(z) * d).sum(1)) + p * (1 - (unit(w) * d).sum(1))).mean()
 
 
-def autoencoder_loss(enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConfig, symmetry_breaking: float):
+def autoencoder_loss(
+    enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConfig, symmetry_breaking: float, order: int = 1
+):
     """The anchor's autoencoder loss plus two group-respecting pretext terms on a copy x' = R_δ x with known δ.
 
     recon        x from the canonical decoding of the invariant embedding, put back under both pose hypotheses
@@ -204,7 +217,7 @@ def autoencoder_loss(enc: Encoder, dec: Decoder, x: torch.Tensor, cfg: TrainConf
     p = torch.sigmoid(logit)
     recon = ((1 - p) * rec0 + p * rec1).mean()
 
-    pull = gauge_pull(torch.cat([z, z2]), torch.cat([w, w2]), torch.sigmoid(logit_all), delta)
+    pull = gauge_pull(torch.cat([z, z2]), torch.cat([w, w2]), torch.sigmoid(logit_all), delta, order)
     # the same pull for the mirror: most training data is unmirrored, so "unmirrored" is the canonical side
     mirror_pull = F.binary_cross_entropy_with_logits(logit, torch.zeros_like(logit))
     # the identity prior on the coarse D4 distribution (prior-regularised canonicalisation) sets the gauge; the
