@@ -68,7 +68,8 @@ def main() -> int:
             rates[(g, lv, th, b)].append(n / (time.perf_counter() - t0))
     for g, graph in enumerate(a.graphs):
         print(f"graph {g}: {graph}")
-    print(f"{'graph':>5} {'level':<9} {'threads':>7} {'batch':>5} {'median img/s':>12}  min..max over {a.rounds} rounds")
+    head = f"{'graph':>5} {'level':<9} {'threads':>7} {'batch':>5} {'median img/s':>12}"
+    print(f"{head}  min..max over {a.rounds} rounds")
     for (g, lv, th, b), r in rates.items():
         print(f"{g:>5} {lv:<9} {th:>7} {b:>5} {statistics.median(r):>12,.0f}  {min(r):,.0f}..{max(r):,.0f}")
     return 0

@@ -65,7 +65,8 @@ class EvalReport(BaseModel):
             f"bundle {self.bundle}  dataset {self.dataset}  alpha {self.alpha}",
             f"  OOD accuracy (calibrated)   {100 * self.ood_accuracy:6.2f}%",
             f"  OOD accuracy (|ψ| > Θ rule) {100 * self.ood_accuracy_hard_rule:6.2f}%",
-            f"  OOD AUROC                   {self.ood_auroc:8.4f}   rotation score alone {self.ood_auroc_rotation_score:.4f}",
+            f"  OOD AUROC                   {self.ood_auroc:8.4f}   "
+            f"rotation score alone {self.ood_auroc_rotation_score:.4f}",
             f"  rule with true Θ / true ψ   {100 * self.ood_accuracy_rule_true_level:6.2f}% / "
             f"{100 * self.ood_accuracy_rule_true_pose:.2f}%   (diagnostic: which half limits the rule)",
             f"  level MAE per sample        {self.level_mae_deg:6.2f}°   class-mean {self.level_class_mean_mae_deg:.2f}°",

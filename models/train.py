@@ -178,7 +178,7 @@ def gauge_pull(z: torch.Tensor, w: torch.Tensor, p: torch.Tensor, delta: torch.T
     order k > 1 pulls ψ toward the target modulo 360°/k. Cyclic data needs it: when the inputs like x come in
     every quarter turn, the exactly equivariant network gives them ψ + 90°·j, and Σ_j cos(ψ + 90°·j) = 0, so the
     plain pull has no gradient at all and the pose within the period is never anchored; cos(4(ψ + 90°·j)) is
-    the same for every j, so order 4 anchors C1, C2 and C4 data."""
+    the same for every j, so order 4 can anchor C1, C2 and C4 data (needed, not sufficient: models/RESULTS.md)."""
     target = torch.cat([torch.zeros_like(delta), delta])
     if order != 1:
         angle = lambda v: torch.atan2(v[:, 1], v[:, 0] + 1e-12)  # noqa: E731
