@@ -63,36 +63,16 @@ def group_index(shape: tuple[int, ...]) -> torch.Tensor:
 # ---------------------------------------------------------------- layers
 
 
-class LiftingConv(nn.Module):
-    """Image [N, Ci, H, W] -> regular D4 fields [N, Co*8, H', W']."""
+class _BankConv(nn.Module):
+    """A convolution whose filter bank is gathered from raw parameters: `bank()` builds it, `conv_with` applies a
+    bank (this one, or one a caller has rescaled, as Block does in eval mode)."""
 
-    def __init__(self, c_in: int, c_out: int, size: int, stride: int = 1):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(c_out, c_in, size, size) * math.sqrt(2.0 / (c_in * size * size)))
-        self.bias = nn.Parameter(torch.zeros(c_out))
-        self.register_buffer("index", lifting_index(tuple(self.weight.shape)), persistent=False)
-        self.stride, self.pad = stride, size // 2
-
-    def bank(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.weight.flatten()[self.index], self.bias.repeat_interleave(N_G)
-
-    def conv_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, w, b, self.stride, self.pad)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_with(x, *self.bank())
-
-
-class GroupConv(nn.Module):
-    """Regular D4 fields [N, Ci*8, H, W] -> [N, Co*8, H', W']."""
-
-    def __init__(self, c_in: int, c_out: int, size: int, stride: int = 1, dilation: int = 1):
-        super().__init__()
-        fan_in = c_in * N_G * size * size
-        self.weight = nn.Parameter(torch.randn(c_out, c_in, N_G, size, size) * math.sqrt(2.0 / fan_in))
-        self.bias = nn.Parameter(torch.zeros(c_out))
-        self.register_buffer("index", group_index(tuple(self.weight.shape)), persistent=False)
-        self.stride, self.dilation, self.pad = stride, dilation, dilation * (size // 2)
+    weight: nn.Parameter
+    bias: nn.Parameter
+    index: torch.Tensor
+    stride: int
+    pad: int
+    dilation: int = 1
 
     def bank(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.weight.flatten()[self.index], self.bias.repeat_interleave(N_G)
@@ -102,6 +82,29 @@ class GroupConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_with(x, *self.bank())
+
+
+class LiftingConv(_BankConv):
+    """Image [N, Ci, H, W] -> regular D4 fields [N, Co*8, H', W']."""
+
+    def __init__(self, c_in: int, c_out: int, size: int, stride: int = 1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, size, size) * math.sqrt(2.0 / (c_in * size * size)))
+        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.register_buffer("index", lifting_index(tuple(self.weight.shape)), persistent=False)
+        self.stride, self.pad = stride, size // 2
+
+
+class GroupConv(_BankConv):
+    """Regular D4 fields [N, Ci*8, H, W] -> [N, Co*8, H', W']."""
+
+    def __init__(self, c_in: int, c_out: int, size: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        fan_in = c_in * N_G * size * size
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, N_G, size, size) * math.sqrt(2.0 / fan_in))
+        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.register_buffer("index", group_index(tuple(self.weight.shape)), persistent=False)
+        self.stride, self.dilation, self.pad = stride, dilation, dilation * (size // 2)
 
 
 class FieldNorm(nn.Module):
