@@ -43,11 +43,10 @@ def torch_from_onnx(graph_path: Path) -> Bundle:
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     named = {k: v for k, v in inits.items() if not k.startswith("onnx::")}
     if "encoder.features.0.0.weight" in named:  # exported without constant folding: every parameter by name
-        return _from_state(named, m)
-    # channel sizes from the BatchNorm statistics, embedding size from the embed head
-    chans = [len(named[f"encoder.features.{i}.1.bn.weight"]) for i in range(4)]
-    embed_dim, hidden = named["encoder.embed.2.weight"].shape[0], named["level.net.0.weight"].shape[0]
-    in_ch = m.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+        pose_hidden = len(named["encoder.pose_head.0.bias"]) if "encoder.pose_head.0.bias" in named else 0
+        model = _architecture(named, m, pose_hidden)
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in named.items()})
+        return model.eval()
     # unnamed: per group conv, the Gather feeds the raw weight, the Tile the raw bias; an old pose field, a MatMul
     gathers, tiles, matmul = [], [], None
     for node in m.graph.node:
@@ -62,11 +61,7 @@ def torch_from_onnx(graph_path: Path) -> Bundle:
             matmul = inits[raw[0]]
     if len(gathers) != len(tiles) or len(gathers) not in (4, 6) or (len(gathers) == 4) != (matmul is not None):
         raise ValueError(f"unexpected graph: {len(gathers)} gathers, {len(tiles)} tiles, matmul={matmul is not None}")
-    pose_hidden = len(tiles[4]) if len(tiles) == 6 else 0
-    head = None
-    if "class_head.weight" in named:
-        head = torch.nn.Linear(embed_dim, named["class_head.weight"].shape[0])
-    model = Bundle(Encoder(tuple(chans[:3]), embed_dim, in_ch, pose_hidden), LevelHead(embed_dim, hidden), head)
+    model = _architecture(named, m, pose_hidden=len(tiles[4]) if len(tiles) == 6 else 0)
     state = model.state_dict()
     for k, v in named.items():
         state[k] = torch.from_numpy(v.copy())
@@ -80,17 +75,14 @@ def torch_from_onnx(graph_path: Path) -> Bundle:
     return model.eval()
 
 
-def _from_state(named: dict[str, np.ndarray], m: onnx.ModelProto) -> Bundle:
+def _architecture(named: dict[str, np.ndarray], m: onnx.ModelProto, pose_hidden: int) -> Bundle:
+    """An untrained `Bundle` shaped like the graph: channel sizes from the BatchNorm statistics, embedding and
+    hidden sizes from the heads, input channels from the graph's input."""
     chans = [len(named[f"encoder.features.{i}.1.bn.weight"]) for i in range(3)]
     embed_dim, hidden = named["encoder.embed.2.weight"].shape[0], named["level.net.0.weight"].shape[0]
-    pose_hidden = len(named["encoder.pose_head.0.bias"]) if "encoder.pose_head.0.bias" in named else 0
-    head = None
-    if "class_head.weight" in named:
-        head = torch.nn.Linear(embed_dim, named["class_head.weight"].shape[0])
     in_ch = m.graph.input[0].type.tensor_type.shape.dim[1].dim_value
-    model = Bundle(Encoder(tuple(chans), embed_dim, in_ch, pose_hidden), LevelHead(embed_dim, hidden), head)
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in named.items()})
-    return model.eval()
+    head = torch.nn.Linear(embed_dim, named["class_head.weight"].shape[0]) if "class_head.weight" in named else None
+    return Bundle(Encoder(tuple(chans), embed_dim, in_ch, pose_hidden), LevelHead(embed_dim, hidden), head)
 
 
 def parity(model: Bundle, graph_path: Path, x: np.ndarray) -> dict[str, float]:
