@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from bench.workload import NotReady, free_port, wait_ready  # noqa: F401  (free_port: re-exported for the tests here)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -28,12 +27,6 @@ def tool(name: str, *alternatives: str) -> str:
     pytest.skip(f"{name} is not installed: {INSTALL_HINT}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Child:
     """A child process whose output goes to a log file; stopped with SIGTERM (then SIGKILL) on exit."""
 
@@ -46,17 +39,10 @@ class Child:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def wait_http(self, url: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.args[0]} exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(url, timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"{url} not ready after {timeout}s:\n{self.log()}")
+        try:
+            wait_ready(url, self.proc, timeout, poll_s=0.1)
+        except NotReady as e:
+            raise RuntimeError(f"{self.args[0]}: {e}:\n{self.log()}") from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -13,16 +13,11 @@ import httpx
 import uvicorn
 from _support import LiveServer
 
+from bench.workload import free_port  # noqa: F401  (re-exported for the guard tests)
 from service.guard_app import create_guard_app
 from service.guard_config import GuardSettings
 
 UPSTREAM_PY = Path(__file__).with_name("_upstream.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class EchoUpstream:

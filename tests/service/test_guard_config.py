@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +17,7 @@ from _guard_support import EchoUpstream, free_port, multipart_parts
 from _support import png
 from pydantic import ValidationError
 
+from bench.workload import NotReady, wait_ready
 from service.errors import InvalidBase64
 from service.guard_config import GuardSettings, ImageLocation
 from service.guard_image import locate
@@ -122,15 +122,10 @@ def test_symguard_guard_process_end_to_end_then_sigterm(bundle_repo, mnist_digit
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(600):
-                if proc.poll() is not None:
-                    raise AssertionError(proc.stdout.read() if proc.stdout else "guard exited")
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
+            try:
+                wait_ready(f"{url}/readyz", proc, 60, poll_s=0.1)
+            except NotReady as e:
+                raise AssertionError(f"{e}: {proc.stdout.read() if proc.stdout and proc.poll() is not None else ''}")
             r = httpx.post(f"{url}/predict?x=1", content=png(digits[0]), headers={"content-type": "image/png"})
         finally:
             proc.send_signal(signal.SIGTERM)
