@@ -4,7 +4,7 @@ Runs only in the benchmark's own virtual environment (BentoML is not a symguard 
 
     python3 -m venv bench/.venv-bentoml
     bench/.venv-bentoml/bin/pip install bentoml onnxruntime==1.32.0 pillow numpy orjson pydantic pydantic-settings psutil
-    cd /path/to/repo && SYMGUARD_BENCH_BUNDLE=models/repository/mnist-multiple-flip/4 \
+    cd /path/to/repo && SYMGUARD_BENCH_BUNDLE=models/repository/mnist-multiple-flip/5 \
         bench/.venv-bentoml/bin/bentoml serve bench.bento_service:Front --host 127.0.0.1 --port 8102
 
 Layout, as BentoML's model-composition guide has it:
@@ -45,7 +45,7 @@ from service.manifest import Manifest  # noqa: E402
 from service.preprocess import to_model_input  # noqa: E402
 from service.scoring import GraphOutputs, score_rows  # noqa: E402
 
-BUNDLE = Path(os.environ.get("SYMGUARD_BENCH_BUNDLE", ROOT / "models/repository/mnist-multiple-flip/4"))
+BUNDLE = Path(os.environ.get("SYMGUARD_BENCH_BUNDLE", ROOT / "models/repository/mnist-multiple-flip/5"))
 THREADS = int(os.environ.get("SYMGUARD_BENCH_THREADS", "2"))
 MAX_BATCH = int(os.environ.get("SYMGUARD_BENCH_BENTO_MAX_BATCH", "64"))
 MAX_LATENCY_MS = int(os.environ.get("SYMGUARD_BENCH_BENTO_MAX_LATENCY_MS", "60000"))
@@ -60,6 +60,7 @@ OUTPUTS = [
         MANIFEST.outputs.embedding,
         MANIFEST.outputs.level,
         MANIFEST.outputs.class_logits,
+        MANIFEST.outputs.rotation_score,
     )
     if n
 ]
@@ -92,12 +93,13 @@ def _prepare(blobs: list[bytes]) -> np.ndarray:
 
 
 def _rows(y: np.ndarray) -> list[dict]:
-    # columns: pose (2), reflection logit (1), embedding (d), level (2), class logits (k)
+    # columns: pose (2), reflection logit (1), embedding (d), level (2), class logits (k), rotation score (r)
     k = len(MANIFEST.classes or []) if MANIFEST.outputs.class_logits else 0
-    d = y.shape[1] - 5 - k
+    r = 1 if MANIFEST.outputs.rotation_score else 0
+    d = y.shape[1] - 5 - k - r
     pose, logit, emb, level = y[:, 0:2], y[:, 2], y[:, 3 : 3 + d], y[:, 3 + d : 5 + d]
-    cl = y[:, 5 + d :] if k else None
-    out = GraphOutputs(pose, logit, emb, level, cl)
+    cl = y[:, 5 + d : 5 + d + k] if k else None
+    out = GraphOutputs(pose, logit, emb, level, cl, y[:, -1] if r else None)
     return [r.model_dump() for r in score_rows(out, MANIFEST)]
 
 

@@ -32,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.networks import Bundle, Encoder, LevelHead  # noqa: E402
+from models.polar import PolarEncoder  # noqa: E402
 from service.manifest import Manifest  # noqa: E402
 
-DEFAULT_BUNDLE = ROOT / "models/repository/mnist-multiple-flip/4"
+DEFAULT_BUNDLE = ROOT / "models/repository/mnist-multiple-flip/5"
 
 
 def torch_from_onnx(graph_path: Path) -> Bundle:
@@ -42,6 +43,10 @@ def torch_from_onnx(graph_path: Path) -> Bundle:
     m = onnx.load(str(graph_path))
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     named = {k: v for k, v in inits.items() if not k.startswith("onnx::")}
+    if "encoder.head.1.weight" in named:  # a pose-posterior graph (models/polar.py)
+        model = _polar_architecture(named, inits, m)
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in named.items()})
+        return model.eval()
     if "encoder.features.0.0.weight" in named:  # exported without constant folding: every parameter by name
         pose_hidden = len(named["encoder.pose_head.0.bias"]) if "encoder.pose_head.0.bias" in named else 0
         model = _architecture(named, m, pose_hidden)
@@ -83,6 +88,21 @@ def _architecture(named: dict[str, np.ndarray], m: onnx.ModelProto, pose_hidden:
     in_ch = m.graph.input[0].type.tensor_type.shape.dim[1].dim_value
     head = torch.nn.Linear(embed_dim, named["class_head.weight"].shape[0]) if "class_head.weight" in named else None
     return Bundle(Encoder(tuple(chans), embed_dim, in_ch, pose_hidden), LevelHead(embed_dim, hidden), head)
+
+
+def _polar_architecture(named: dict[str, np.ndarray], inits: dict[str, np.ndarray], m: onnx.ModelProto) -> Bundle:
+    """An untrained pose-posterior `Bundle` shaped like the graph: fields from the norms, the ring size from the
+    head's ring-wide kernel, the radii from the polar sampling taps [radii·angles, 4]."""
+    chans = tuple(len(named[f"encoder.features.{i}.1.bn.weight"]) for i in range(4))
+    hidden, angles = len(named["encoder.head.0.1.bn.weight"]), named["encoder.head.1.weight"].shape[-1] + 1
+    embed_dim, level_hidden = named["encoder.embed.2.weight"].shape[0], named["level.net.0.weight"].shape[0]
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    in_ch, size = dims[1].dim_value, dims[2].dim_value
+    consts = [numpy_helper.to_array(a.t) for n in m.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    taps = next(v for v in [*inits.values(), *consts] if v.ndim == 2 and v.shape[1] == 4 and v.dtype == np.int64)
+    enc = PolarEncoder(chans, hidden, embed_dim, in_ch, size, taps.shape[0] // angles, angles)
+    head = torch.nn.Linear(embed_dim, named["class_head.weight"].shape[0]) if "class_head.weight" in named else None
+    return Bundle(enc, LevelHead(embed_dim, level_hidden), head)
 
 
 def parity(model: Bundle, graph_path: Path, x: np.ndarray) -> dict[str, float]:
@@ -143,7 +163,9 @@ def create_app(bundle_dir: Path, threads: int):
         x = torch.from_numpy(np.stack([to_model_input(decode_image(b, 16_000_000), manifest.input) for b in blobs]))
         with torch.no_grad():
             o = [t.numpy() for t in model(x)]
-        rows = score_rows(GraphOutputs(o[0], o[1].reshape(-1), o[2], o[3], o[4] if len(o) > 4 else None), manifest)
+        cl = o[4] if model.class_head is not None else None
+        rs = o[-1] if model.has_rotation_score else None
+        rows = score_rows(GraphOutputs(o[0], o[1].reshape(-1), o[2], o[3], cl, rs), manifest)
         return JSONResponse(
             {
                 "model": manifest.name,

@@ -33,8 +33,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from models.train import TrainConfig, train
 
     cfg = TrainConfig(
-        dataset=a.dataset, out=a.out, steps=a.steps, prior_steps=a.prior_steps, level_steps=a.level_steps, seed=a.seed,
-        threads=a.threads, pull_order=a.pull_order,
+        dataset=a.dataset, out=a.out, steps=a.steps, level_steps=a.level_steps, seed=a.seed, threads=a.threads,
+        contrast=a.contrast, elastic=a.elastic,
     )
     ckpt = train(cfg, resume=not a.fresh)
     if a.no_export:
@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="learn pose and symmetry level from a dataset spec or an image folder, then export a bundle")
     t.add_argument("dataset", nargs="?", default=DEFAULT_MODEL, help="built-in spec (models/specs/*.yaml), a spec YAML, or an image folder")
-    t.add_argument("--steps", type=int, default=1000, help="autoencoder steps, the prior-only warm-up included")
-    t.add_argument("--prior-steps", type=int, default=300, help="first steps that train only the identity prior")
+    t.add_argument("--steps", type=int, default=750, help="pose-posterior steps (each: a batch and a turned copy)")
+    t.add_argument("--contrast", type=float, default=0.5, help="weight of the embedding's InfoNCE term")
+    t.add_argument("--elastic", type=float, default=2.0, help="elastic deformation of the copy, pixels (0: none)")
     t.add_argument("--level-steps", type=int, default=2000, help="steps for the level and group heads")
     t.add_argument("--out", default="runs", help="checkpoint folder (resumable)")
     t.add_argument("--repo", default=str(REPOSITORY), help="model repository to export into")
@@ -96,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate to calibrate for")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    t.add_argument("--pull-order", type=int, default=0, choices=[0, 1, 2, 4],
-                   help="identity pull modulo 360°/order (0: 4 for cyclic specs, else 1)")
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--no-export", action="store_true", help="stop after training")
     t.set_defaults(fn=cmd_train)

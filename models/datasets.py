@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image, ImageOps
 
@@ -146,6 +147,20 @@ def sample(spec: DatasetSpec, split: Split, classes: list[str] | None, gen: torc
         return split.images, torch.zeros(n), torch.zeros(n, dtype=torch.bool)
     angle, mirrored = draw_poses(spec, split.labels, classes, gen)
     return apply_pose(split.images, angle, mirrored), angle, mirrored
+
+
+def elastic(x: torch.Tensor, scale_px: float, smooth_px: float = 4.0, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Elastic deformation (Simard et al. 2003): a random displacement field, Gaussian-smoothed over `smooth_px`,
+    of typical size `scale_px` pixels. Changes the handwriting, not the pose: the field has no mean turn."""
+    n, _, s, _ = x.shape
+    noise = torch.randn(n * 2, 1, s, s, generator=gen)
+    k = int(4 * smooth_px) | 1
+    g = torch.exp(-((torch.arange(k) - k // 2).float() ** 2) / (2 * smooth_px**2))
+    g = g / g.sum()
+    d = F.conv2d(F.conv2d(noise, g.view(1, 1, 1, k), padding=(0, k // 2)), g.view(1, 1, k, 1), padding=(k // 2, 0))
+    d = d.view(n, 2, s, s) / (d.std() + 1e-12) * (scale_px * 2.0 / s)  # pixels -> grid units
+    base = F.affine_grid(torch.eye(2, 3).expand(n, 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, base + d.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def repeat(split: Split, copies: int) -> Split:

@@ -21,7 +21,8 @@ import torch.nn as nn
 from PIL import Image
 
 from models.datasets import MNIST_INPUT, Source, apply_pose, load_source, repeat, sample
-from models.networks import Bundle, Encoder, LevelHead, plane_matrix
+from models.networks import Bundle, LevelHead, plane_matrix
+from models.polar import PolarEncoder
 from service.geometry import D4, apply_d4
 from service.manifest import (
     Calibration,
@@ -45,9 +46,11 @@ CALIBRATION_DRAWS = 8  # poses drawn per held-out calibration source image
 # ---------------------------------------------------------------- graph
 
 
-def export_onnx(model: Bundle, path: Path, spec: InputSpec, with_classes: bool) -> OutputNames:
-    names = OutputNames(class_logits="class_logits" if with_classes else None)
-    out_names = [names.pose, names.reflection_logit, names.embedding, names.level] + (["class_logits"] if with_classes else [])
+def export_onnx(model: Bundle, path: Path, spec: InputSpec) -> OutputNames:
+    names = OutputNames(class_logits="class_logits" if model.class_head is not None else None,
+                        rotation_score="rotation_score" if model.has_rotation_score else None)  # fmt: skip
+    out_names = [n for n in (names.pose, names.reflection_logit, names.embedding, names.level, names.class_logits,
+                             names.rotation_score) if n is not None]  # fmt: skip
     dummy = torch.zeros(2, spec.channels, spec.size, spec.size)
     # No constant folding here: every parameter keeps its state-dict name in the graph (bench/naive_torch.py rebuilds
     # the torch model from them), and ONNX Runtime folds the filter-bank and norm arithmetic into constants at load.
@@ -65,10 +68,12 @@ def session(path: Path) -> ort.InferenceSession:
 
 def run_graph(sess: ort.InferenceSession, names: OutputNames, x: np.ndarray, batch: int = 512) -> GraphOutputs:
     parts = []
-    wanted = [names.pose, names.reflection_logit, names.embedding, names.level] + ([names.class_logits] if names.class_logits else [])
+    fields = [names.pose, names.reflection_logit, names.embedding, names.level, names.class_logits, names.rotation_score]
+    wanted = [n for n in fields if n is not None]
     for i in range(0, len(x), batch):
         o = sess.run(wanted, {sess.get_inputs()[0].name: np.ascontiguousarray(x[i : i + batch], dtype=np.float32)})
-        parts.append(GraphOutputs(o[0], o[1], o[2], o[3], o[4] if len(o) > 4 else None))
+        got = dict(zip(wanted, o))
+        parts.append(GraphOutputs(*(None if n is None else got[n] for n in fields)))
     return GraphOutputs.concat(parts)
 
 
@@ -87,8 +92,11 @@ def parity(model: Bundle, sess: ort.InferenceSession, names: OutputNames, x: tor
         "embedding": float(np.abs(ref[2] - got.embedding).max()),
         "level": float(np.abs((ref[3] - got.level) / scale).max()),
     }
+    rest = iter(ref[4:])
     if got.class_logits is not None:
-        diffs["class_logits"] = float(np.abs(ref[4] - got.class_logits).max())
+        diffs["class_logits"] = float(np.abs(next(rest) - got.class_logits).max())
+    if got.rotation_score is not None:
+        diffs["rotation_score"] = float(np.abs(next(rest) - got.rotation_score).max())
     return diffs
 
 
@@ -214,7 +222,7 @@ def build_bundle(
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by whoever runs the server
     try:
         in_spec = src.input.model_copy(update={"name": "image"})
-        names = export_onnx(model, tmp / GRAPH_FILE, in_spec, with_classes=model.class_head is not None)
+        names = export_onnx(model, tmp / GRAPH_FILE, in_spec)
         sess = session(tmp / GRAPH_FILE)
         probe_x = src.calib.images[:64]
         diffs = parity(model, sess, names, probe_x)
@@ -268,6 +276,6 @@ def write_test_bundle(repo: Path, name: str = "digits", version: int = 1, seed: 
     spec = load_spec("mnist-multiple-flip")
     src = load_source(spec, MNIST_INPUT)
     src = Source(src.train, repeat(src.calib, 1), src.test, src.classes, src.input)
-    model = Bundle(Encoder((4, 8, 8), 16), LevelHead(16, 32), nn.Linear(16, 10))
+    model = Bundle(PolarEncoder((4, 8, 8, 8), 8, 16), LevelHead(16, 32), nn.Linear(16, 10))
     return build_bundle(model, src, spec, repo, name, classes=src.classes, centroids=None, family="uniform",
                         version=version, seed=seed, description="untrained test bundle", evaluate=False)  # fmt: skip

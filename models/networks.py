@@ -67,6 +67,7 @@ class _BankConv(nn.Module):
     """A convolution whose filter bank is gathered from raw parameters: `bank()` builds it, `conv_with` applies a
     bank (this one, or one a caller has rescaled, as Block does in eval mode)."""
 
+    group = N_G  # channels per field
     weight: nn.Parameter
     bias: nn.Parameter
     index: torch.Tensor
@@ -108,15 +109,16 @@ class GroupConv(_BankConv):
 
 
 class FieldNorm(nn.Module):
-    """BatchNorm with one statistic per field (shared over the 8 group channels), so it stays equivariant."""
+    """BatchNorm with one statistic per field (shared over its group channels), so it stays equivariant."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, group: int = N_G):
         super().__init__()
         self.bn = nn.BatchNorm3d(c)
+        self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        return self.bn(x.view(n, -1, N_G, h, w)).view(n, -1, h, w)
+        return self.bn(x.view(n, -1, self.group, h, w)).view(n, -1, h, w)
 
 
 class Block(nn.Sequential):
@@ -132,8 +134,8 @@ class Block(nn.Sequential):
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         shift = bn.bias - bn.running_mean * scale
         w, b = conv.bank()
-        s8 = scale.repeat_interleave(N_G)
-        return act(conv.conv_with(x, w * s8[:, None, None, None], b * s8 + shift.repeat_interleave(N_G)))
+        s8 = scale.repeat_interleave(conv.group)
+        return act(conv.conv_with(x, w * s8[:, None, None, None], b * s8 + shift.repeat_interleave(conv.group)))
 
 
 def block(c_in: int, c_out: int, size: int, stride: int, lifting: bool = False, dilation: int = 1) -> Block:
@@ -246,16 +248,30 @@ class LevelHead(nn.Module):
 
 
 class Bundle(nn.Module):
-    """What is exported: encoder + level head (+ optional class head). Outputs follow manifest.OutputNames."""
+    """What is exported: encoder + level head (+ optional class head). Outputs follow manifest.OutputNames:
+    pose, reflection_logit, embedding, level, then class_logits if there is a class head, then rotation_score if
+    the encoder is a pose posterior (models/polar.py)."""
 
-    def __init__(self, encoder: Encoder, level: LevelHead, class_head: nn.Module | None = None):
+    def __init__(self, encoder: nn.Module, level: LevelHead, class_head: nn.Module | None = None):
         super().__init__()
         self.encoder, self.level, self.class_head = encoder, level, class_head
 
+    @property
+    def has_rotation_score(self) -> bool:
+        from models.polar import PolarEncoder
+
+        return isinstance(self.encoder, PolarEncoder)
+
     def forward(self, x: torch.Tensor):
-        emb, pose, logit, *_ = self.encoder(x)
+        from models.polar import identity_surprise
+
+        emb, pose, logit, *rest = self.encoder(x)
         outs = (pose, logit, emb, self.level(emb))
-        return outs + (self.class_head(emb),) if self.class_head is not None else outs
+        if self.class_head is not None:
+            outs += (self.class_head(emb),)
+        if self.has_rotation_score:
+            outs += (identity_surprise(rest[0]),)
+        return outs
 
 
 # ---------------------------------------------------------------- differentiable image rotation (training only)

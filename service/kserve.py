@@ -97,6 +97,8 @@ async def model_infer(request: Request, name: ModelName, version: str | None = N
     }
     if names.class_logits and out.class_logits is not None:
         tensors[names.class_logits] = out.class_logits
+    if names.rotation_score and out.rotation_score is not None:
+        tensors[names.rotation_score] = out.rotation_score
     wanted = [o.name for o in req.outputs] if req.outputs else list(tensors)
     unknown = [w for w in wanted if w not in tensors]
     if unknown:

@@ -87,19 +87,22 @@ class GroupSpec(_Strict):
 
 class OutputNames(_Strict):
     """Graph output names. Shapes: pose [N,2] (cos φ, sin φ); reflection_logit [N] (>0: reflected);
-    embedding [N,D] invariant; level [N,2] (width in degrees, reflection rate); class_logits [N,K] optional."""
+    embedding [N,D] invariant; level [N,2] (width in degrees, reflection rate); class_logits [N,K] optional;
+    rotation_score [N] optional: the graph's own rotation nonconformity (a pose-posterior bundle's log max p(pose|x)
+    - log p(identity|x)), used in place of |φ| / Θ(x) when present."""
 
     pose: str = "pose"
     reflection_logit: str = "reflection_logit"
     embedding: str = "embedding"
     level: str = "level"
     class_logits: str | None = None
+    rotation_score: str | None = None
 
 
 class GroupCalibration(_Strict):
     """Held-out in-distribution nonconformity scores of one group (class or cluster), sorted ascending.
 
-    rotation score = |φ| / max(Θ(x), min_level_deg); reflection score = P(reflected) * (1 - reflection level).
+    rotation score = |φ| / max(Θ(x), min_level_deg), or the graph's rotation_score output; reflection score = P(reflected) * (1 - reflection level).
     A conformal p-value is (1 + #{cal >= s}) / (n + 1).
     """
 

@@ -87,7 +87,7 @@ class ModelRuntime:
 
     def _output_names(self) -> list[str | None]:
         o = self.manifest.outputs
-        return [o.pose, o.reflection_logit, o.embedding, o.level, o.class_logits]
+        return [o.pose, o.reflection_logit, o.embedding, o.level, o.class_logits, o.rotation_score]
 
     def _check_signature(self) -> None:
         spec = self.manifest.input
@@ -109,12 +109,16 @@ class ModelRuntime:
     def infer(self, x: np.ndarray) -> GraphOutputs:
         """x: float32 [N, C, S, S], already normalised. One session.run."""
         o = self.session.run(self.outputs, {self.manifest.input.name: np.ascontiguousarray(x, dtype=np.float32)})
+        got = dict(zip(self.outputs, o))
+        names = self.manifest.outputs
+        rotation_score = got.get(names.rotation_score)  # optional outputs: absent names map to None
         return GraphOutputs(
             pose=o[0],
             reflection_logit=o[1].reshape(-1),
             embedding=o[2],
             level=o[3],
-            class_logits=o[4] if len(o) > 4 else None,
+            class_logits=got.get(names.class_logits),
+            rotation_score=None if rotation_score is None else rotation_score.reshape(-1),
         )
 
     def score(self, x: np.ndarray) -> tuple[GraphOutputs, list[ImageScore]]:

@@ -1,7 +1,9 @@
 """Score graph outputs against the learned level Θ(x) and the bundle's calibration.
 
 Two nonconformity scores per image, each compared with held-out in-distribution scores of its group:
-    rotation   s_rot = |φ| / max(Θ(x), min_level)        (how far past the learned half-width)
+    rotation   pose-posterior bundles (a rotation_score output): s_rot = log max p(pose|x) - log p(identity|x),
+               how much less plausible x is as it stands than in its most plausible pose
+               otherwise s_rot = |φ| / max(Θ(x), min_level)        (how far past the learned half-width)
                cyclic bundles: Θ(x) = 180°/n is half C_n's period; s_rot = d(φ, nearest multiple of 2Θ) / min_level
     reflection s_ref = P(reflected) * (1 - reflection level)   (a flip where flips are rare)
 Each gets a conformal p-value; the family-wise verdict splits α between the two (Bonferroni),
@@ -30,6 +32,7 @@ class GraphOutputs:
     embedding: np.ndarray  # [N, D]
     level: np.ndarray  # [N, 2]
     class_logits: np.ndarray | None = None  # [N, K]
+    rotation_score: np.ndarray | None = None  # [N], pose-posterior bundles
 
     def __len__(self) -> int:
         return len(self.reflection_logit)
@@ -38,19 +41,15 @@ class GraphOutputs:
         return self.take(slice(start, stop))
 
     def take(self, idx: slice | np.ndarray) -> GraphOutputs:
-        cl = None if self.class_logits is None else self.class_logits[idx]
-        return GraphOutputs(self.pose[idx], self.reflection_logit[idx], self.embedding[idx], self.level[idx], cl)
+        return GraphOutputs(*(None if v is None else v[idx] for v in self._fields()))
 
     @staticmethod
     def concat(parts: list[GraphOutputs]) -> GraphOutputs:
-        cl = None if parts[0].class_logits is None else np.concatenate([p.class_logits for p in parts])
-        return GraphOutputs(
-            np.concatenate([p.pose for p in parts]),
-            np.concatenate([p.reflection_logit for p in parts]),
-            np.concatenate([p.embedding for p in parts]),
-            np.concatenate([p.level for p in parts]),
-            cl,
-        )
+        columns = zip(*(p._fields() for p in parts))
+        return GraphOutputs(*(None if c[0] is None else np.concatenate(c) for c in columns))
+
+    def _fields(self) -> tuple[np.ndarray | None, ...]:
+        return (self.pose, self.reflection_logit, self.embedding, self.level, self.class_logits, self.rotation_score)
 
 
 Verdict = Literal["in", "ood"]
@@ -121,10 +120,13 @@ def nonconformity(
     angle = np.degrees(np.arctan2(out.pose[:, 1], out.pose[:, 0]))
     p_refl = 1.0 / (1.0 + np.exp(-np.clip(out.reflection_logit.astype(np.float64), -60, 60)))
     refl_level = np.clip(out.level[:, 1], 0.0, 1.0)
+    s_ref = p_refl * (1.0 - refl_level)
+    if out.rotation_score is not None:
+        return angle, p_refl, out.rotation_score.astype(np.float64), s_ref
     excess, _ = rotation_excess(angle, out.level[:, 0], family)
     # cyclic: the allowed poses are points, so the scale is the pose error's, not a learned width
     scale = min_level_deg if family == "cyclic" else np.maximum(out.level[:, 0], min_level_deg)
-    return angle, p_refl, excess / scale, p_refl * (1.0 - refl_level)
+    return angle, p_refl, excess / scale, s_ref
 
 
 def assign_groups(out: GraphOutputs, cal: Calibration, classes: list[str] | None) -> np.ndarray:

@@ -130,18 +130,15 @@ def non_equivariant_graph(path: Path, size: int = 29, classes: int = 10, seed: i
 
     rng = np.random.default_rng(seed)
     n_in = size * size
-    dims = {"pose": 2, "reflection_logit": 1, "embedding": 16, "level": 2, "class_logits": classes}
+    dims = {"pose": 2, "reflection_logit": 1, "embedding": 16, "level": 2, "class_logits": classes, "rotation_score": 1}
     inits = [numpy_helper.from_array(rng.normal(size=(n_in, d)).astype(np.float32), f"W_{k}") for k, d in dims.items()]
     inits.append(numpy_helper.from_array(np.array([-1], np.int64), "flat_shape"))
     nodes = [helper.make_node("Flatten", ["image"], ["flat"], axis=1)]
-    for k in dims:
-        target = "logit_2d" if k == "reflection_logit" else k
-        nodes.append(helper.make_node("MatMul", ["flat", f"W_{k}"], [target]))
-    nodes.append(helper.make_node("Reshape", ["logit_2d", "flat_shape"], ["reflection_logit"]))
-    outputs = [
-        helper.make_tensor_value_info(k, TensorProto.FLOAT, ["N"] if k == "reflection_logit" else ["N", d])
-        for k, d in dims.items()
-    ]
+    for k, d in dims.items():  # [N, 1] products of the per-image scalars are reshaped to [N]
+        nodes.append(helper.make_node("MatMul", ["flat", f"W_{k}"], [f"{k}_2d" if d == 1 else k]))
+        if d == 1:
+            nodes.append(helper.make_node("Reshape", [f"{k}_2d", "flat_shape"], [k]))
+    outputs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["N"] if d == 1 else ["N", d]) for k, d in dims.items()]
     graph = helper.make_graph(
         nodes,
         "dense",

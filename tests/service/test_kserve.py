@@ -49,7 +49,9 @@ def test_fp32_infer_matches_v1_score(server, mnist_digits):
     body = r.json()
     assert body["model_name"] == "digits" and body["model_version"] == "1" and body["id"] == "req-7"
     outs = {o["name"]: o for o in body["outputs"]}
-    assert set(outs) == {"pose", "reflection_logit", "embedding", "level", "class_logits"}
+    assert set(outs) == {"pose", "reflection_logit", "embedding", "level", "class_logits", "rotation_score"}
+    # the pose-posterior graph's own rotation score is the one /v1/score calibrates against
+    assert np.allclose(outs["rotation_score"]["data"], [v["rotation_score"] for v in v1], atol=1e-4)
     assert outs["pose"]["shape"] == [2, 2] and outs["pose"]["datatype"] == "FP32"
     assert outs["embedding"]["shape"][0] == 2 and len(outs["embedding"]["data"]) == 2 * outs["embedding"]["shape"][1]
     pose = np.asarray(outs["pose"]["data"]).reshape(2, 2)

@@ -1,0 +1,89 @@
+"""The polar pose posterior is tested, not assumed: exact for quarter turns and mirrors, shift-equivariant on
+its polar grid, and its pose follows the group law of service/geometry.py on real inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.networks import D4
+from models.polar import MIRROR, MirrorConv, PolarEncoder, identity_surprise, polar_matrix, pose_target, reverse_angles
+from service.geometry import apply_d4, compose
+
+
+def _act(y: torch.Tensor, shift: int, mirrored: bool) -> torch.Tensor:
+    """The group acting on mirror-regular fields [N, C*2, R, A]: reverse the angles and swap halves, then shift."""
+    if mirrored:
+        n, c2, r, a = y.shape
+        y = reverse_angles(y.view(n, c2 // MIRROR, MIRROR, r, a).flip(2)).view(n, c2, r, a)
+    return torch.roll(y, shift, -1)
+
+
+@pytest.mark.parametrize("lifting", [True, False])
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_mirror_conv_commutes_with_shifts_and_reversals(lifting: bool, dilation: int):
+    torch.manual_seed(0)
+    conv = MirrorConv(3, 4, (3, 5), stride=2, dilation=dilation, lifting=lifting)
+    x = torch.randn(2, 3 if lifting else 6, 9, 32)
+    with torch.no_grad():
+        for shift in (0, 1, 7):
+            for mirrored in (False, True):
+                if lifting:
+                    gx = torch.roll(reverse_angles(x) if mirrored else x, shift, -1)
+                else:
+                    gx = _act(x, shift, mirrored)
+                assert torch.allclose(conv(gx), _act(conv(x), shift, mirrored), atol=1e-5)
+
+
+def test_polar_grid_turns_quarter_turns_and_mirrors_into_exact_shifts():
+    s, r, a = 29, 8, 64
+    p = polar_matrix(s, r, a)
+    img = torch.rand(s * s, dtype=torch.float64)
+    base = (p.double() @ img).view(r, a)
+    rot = (p.double() @ torch.from_numpy(apply_d4(img.view(s, s).numpy(), 1, False).copy()).flatten()).view(r, a)
+    assert torch.allclose(rot, torch.roll(base, a // 4, -1), atol=1e-6)  # a quarter turn CCW: +A/4 bins
+    mir = (p.double() @ torch.from_numpy(apply_d4(img.view(s, s).numpy(), 0, True).copy()).flatten()).view(r, a)
+    assert torch.allclose(mir, torch.roll(reverse_angles(base), a // 2, -1), atol=1e-6)  # θ -> 180° - θ
+
+
+@pytest.mark.parametrize("train_mode", [False, True], ids=["eval-folded", "train"])
+def test_encoder_pose_moves_with_the_group_and_embedding_is_invariant(train_mode: bool):
+    torch.manual_seed(1)
+    enc = PolarEncoder((4, 8, 8, 8), 8, 16)
+    enc.train(train_mode)
+    x = torch.rand(6, 1, 29, 29)
+    with torch.no_grad():
+        emb, pose, logit, logp = enc(x)
+        angle = np.degrees(np.arctan2(pose[:, 1].numpy(), pose[:, 0].numpy()))
+        for k, f in D4:
+            gx = torch.from_numpy(apply_d4(x.numpy(), k, f).copy())
+            if train_mode:  # batch statistics: compare batches that hold the same images
+                e2, p2, l2, _ = (t[len(x):] for t in enc(torch.cat([gx, gx])))
+                emb, pose, logit, _ = (t[len(x):] for t in enc(torch.cat([x, x])))
+                angle = np.degrees(np.arctan2(pose[:, 1].numpy(), pose[:, 0].numpy()))
+            else:
+                e2, p2, l2, _ = enc(gx)
+            a2 = np.degrees(np.arctan2(p2[:, 1].numpy(), p2[:, 0].numpy()))
+            assert torch.allclose(e2, emb, atol=1e-4)
+            assert torch.allclose(l2, -logit if f else logit, atol=1e-4)
+            for i in range(len(x)):
+                want_a, _ = compose((90.0 * k, f), (float(angle[i]), bool(logit[i] > 0)))
+                assert abs((a2[i] - want_a + 180) % 360 - 180) < 1e-2
+
+
+def test_identity_surprise_is_zero_at_the_mode_and_grows_away_from_it():
+    logp = torch.log_softmax(torch.randn(3, MIRROR, 16), dim=-1)
+    logp[0, 0, 0] = logp[0].max() + 1.0
+    s = identity_surprise(logp)
+    assert s[0] == 0 and (s[1:] > 0).all()
+
+
+def test_pose_target_splits_between_the_nearest_bins():
+    t = pose_target(torch.tensor([0.0, 2 * math.pi / 64 * 2.25, -2 * math.pi / 64 * 0.5]), 64)
+    assert torch.allclose(t.sum(1), torch.ones(3))
+    assert t[0, 0] == 1
+    assert torch.isclose(t[1, 2], torch.tensor(0.75)) and torch.isclose(t[1, 3], torch.tensor(0.25))
+    assert torch.isclose(t[2, 63], torch.tensor(0.5)) and torch.isclose(t[2, 0], torch.tensor(0.5))
