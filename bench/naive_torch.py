@@ -101,6 +101,7 @@ def _polar_architecture(named: dict[str, np.ndarray], inits: dict[str, np.ndarra
     consts = [numpy_helper.to_array(a.t) for n in m.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     taps = next(v for v in [*inits.values(), *consts] if v.ndim == 2 and v.shape[1] == 4 and v.dtype == np.int64)
     enc = PolarEncoder(chans, hidden, embed_dim, in_ch, size, taps.shape[0] // angles, angles)
+    enc.pose_at_mode = any(n.op_type == "ArgMax" for n in m.graph.node)  # cyclic bundles read ψ at the mode
     head = torch.nn.Linear(embed_dim, named["class_head.weight"].shape[0]) if "class_head.weight" in named else None
     return Bundle(enc, LevelHead(embed_dim, level_hidden), head)
 

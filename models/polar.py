@@ -133,6 +133,9 @@ class PolarEncoder(nn.Module):
         # every pose's logit reads the whole digit
         self.head = nn.Sequential(block(c4, hidden, (1, 9), dilation=2), MirrorConv(hidden, 1, (1, angles - 1)))
         self.embed = nn.Sequential(nn.Linear(2 * c4, 128), nn.ReLU(), nn.Linear(128, embed_dim))
+        # cyclic data (C_n) gives the posterior n equal modes, whose circular mean is no pose: such bundles read ψ
+        # at the highest mode (models/train.py sets this from the spec's family; it is not a parameter)
+        self.pose_at_mode = False
         t = torch.arange(angles) * (2 * math.pi / angles)
         self.register_buffer("ring", torch.stack([torch.cos(t), torch.sin(t)], 1), persistent=False)  # [A, 2]
 
@@ -150,11 +153,23 @@ class PolarEncoder(nn.Module):
         logp = F.log_softmax(self.head(f).reshape(-1, MIRROR * self.angles), dim=1).reshape(-1, MIRROR, self.angles)
         q = logp.exp()
         logit = torch.logsumexp(logp[:, 1], dim=1) - torch.logsumexp(logp[:, 0], dim=1)
+        mirrored = (logit > 0)[:, None]
+        if self.pose_at_mode:
+            half = torch.where(mirrored, q[:, 1], q[:, 0])
+            v = mode_vector(half, self.ring)
+            return emb, torch.where(mirrored, -v, v), logit, logp
         # circular means of each hypothesis; the mirrored one is turned by 180° (F = R_180 M)
         v0, v1 = q[:, 0] @ self.ring, -(q[:, 1] @ self.ring)
         mass0, mass1 = q[:, 0].sum(1, keepdim=True), q[:, 1].sum(1, keepdim=True)
-        pose = torch.where((logit > 0)[:, None], v1 / (mass1 + 1e-12), v0 / (mass0 + 1e-12))
+        pose = torch.where(mirrored, v1 / (mass1 + 1e-12), v0 / (mass0 + 1e-12))
         return emb, pose, logit, logp
+
+
+def mode_vector(q: torch.Tensor, ring: torch.Tensor, reach: int = 2) -> torch.Tensor:
+    """The highest mode of q [N, A] as a plane vector: the mean of ring [A, 2] over the ±reach bins around the
+    argmax, weighted by q (sub-bin precision without averaging in the other modes)."""
+    idx = torch.remainder(q.argmax(1, keepdim=True) + torch.arange(-reach, reach + 1), q.shape[1])  # [N, 2r+1]
+    return (q.gather(1, idx)[..., None] * ring[idx]).sum(1)
 
 
 def identity_surprise(logp: torch.Tensor) -> torch.Tensor:

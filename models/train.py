@@ -73,6 +73,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     # ------------------------------------------------------------------ 2. pose posterior
     enc = PolarEncoder(cfg.channels, cfg.hidden, cfg.embed_dim, src.input.channels, src.input.size, cfg.radii,
                        cfg.angles)  # fmt: skip
+    enc.pose_at_mode = family == "cyclic"
     params = list(enc.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=cfg.warmup)
@@ -217,6 +218,7 @@ def load_checkpoint(path: Path):
     if "angles" in cfg:
         enc: nn.Module = PolarEncoder(tuple(cfg["channels"]), cfg["hidden"], cfg["embed_dim"], inp["channels"],
                                       inp["size"], cfg["radii"], cfg["angles"])  # fmt: skip
+        enc.pose_at_mode = ck["family"] == "cyclic"
     else:  # runs up to mnist-multiple-flip/4: the D4 autoencoder's encoder
         enc = Encoder(tuple(cfg["channels"]), cfg["embed_dim"], inp["channels"], cfg.get("pose_hidden", 0))
     enc.load_state_dict(ck["encoder"])

@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from models.networks import D4
-from models.polar import MIRROR, MirrorConv, PolarEncoder, identity_surprise, polar_matrix, pose_target, reverse_angles
+from models.polar import (
+    MIRROR,
+    MirrorConv,
+    PolarEncoder,
+    identity_surprise,
+    mode_vector,
+    polar_matrix,
+    pose_target,
+    reverse_angles,
+)
 from service.geometry import apply_d4, compose
 
 
@@ -87,3 +96,30 @@ def test_pose_target_splits_between_the_nearest_bins():
     assert t[0, 0] == 1
     assert torch.isclose(t[1, 2], torch.tensor(0.75)) and torch.isclose(t[1, 3], torch.tensor(0.25))
     assert torch.isclose(t[2, 63], torch.tensor(0.5)) and torch.isclose(t[2, 0], torch.tensor(0.5))
+
+
+def test_mode_vector_reads_one_mode_of_a_cyclic_posterior():
+    """C4 data gives four equal modes: their circular mean is ~0 (no pose), the mode reading lands on one of them."""
+    a = 64
+    ring = torch.stack([torch.cos(torch.arange(a) * 2 * math.pi / a), torch.sin(torch.arange(a) * 2 * math.pi / a)], 1)
+    q = torch.zeros(1, a)
+    for m in range(4):
+        q[0, (5 + 16 * m - 1) % a], q[0, 5 + 16 * m], q[0, (5 + 16 * m + 1) % a] = 0.05, 0.15 + 0.01 * (m == 2), 0.05
+    q = q / q.sum()
+    assert (q @ ring).norm() < 0.02
+    v = mode_vector(q, ring)[0]
+    miss = math.degrees(math.atan2(v[1], v[0])) - (5 + 32) * 360 / a  # the highest mode is bin 37
+    assert abs((miss + 180) % 360 - 180) < 0.5
+
+
+def test_cyclic_encoder_pose_is_exact_for_quarter_turns():
+    torch.manual_seed(2)
+    enc = PolarEncoder((4, 8, 8, 8), 8, 16).eval()
+    enc.pose_at_mode = True
+    x = torch.rand(4, 1, 29, 29)
+    with torch.no_grad():
+        _, pose, logit, _ = enc(x)
+        _, p2, l2, _ = enc(torch.rot90(x, 1, (2, 3)))
+    a1 = torch.rad2deg(torch.atan2(pose[:, 1], pose[:, 0]))
+    a2 = torch.rad2deg(torch.atan2(p2[:, 1], p2[:, 0]))
+    assert torch.allclose(torch.remainder(a2 - a1 - 90 + 180, 360) - 180, torch.zeros(4), atol=1e-2)
