@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.networks import Block, FieldNorm
+
 MIRROR = 2  # a mirror-regular field has two channels: (unmirrored, mirrored)
 
 
@@ -111,7 +113,6 @@ class PolarEncoder(nn.Module):
     def __init__(self, channels: tuple[int, ...] = (16, 32, 32, 48), hidden: int = 32, embed_dim: int = 32,
                  in_channels: int = 1, size: int = 29, radii: int = 16, angles: int = 64):  # fmt: skip
         super().__init__()
-        from models.networks import Block, FieldNorm
 
         def block(ci: int, co: int, kernel=(3, 5), stride=1, dilation=1, lifting=False) -> Block:
             conv = MirrorConv(ci, co, kernel, stride, dilation, lifting)
