@@ -7,6 +7,7 @@ state-dict name (no constant folding at export; ONNX Runtime folds at load). In 
 (`encoder.embed.0.weight`, ...) map one to one onto the state dict; the group-conv filter banks and biases are the
 raw flattened parameters that feed each `Gather` / `Tile` node, in layer order (the four feature stages, then the
 two 1x1 group convs of the pose head), and an older graph's linear pose field is a `MatMul` by its transposed weight.
+Pose-posterior graphs (mnist-multiple-flip/5 on) rebuild a `models.polar.PolarEncoder`, its sizes read off the graph.
 
     python bench/naive_torch.py --check            # parity with ONNX Runtime (max abs diff per output)
     python bench/naive_torch.py --port 8101        # the naive FastAPI app on 127.0.0.1
