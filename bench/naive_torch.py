@@ -99,7 +99,8 @@ def _polar_architecture(named: dict[str, np.ndarray], inits: dict[str, np.ndarra
     embed_dim, level_hidden = named["encoder.embed.2.weight"].shape[0], named["level.net.0.weight"].shape[0]
     dims = m.graph.input[0].type.tensor_type.shape.dim
     in_ch, size = dims[1].dim_value, dims[2].dim_value
-    consts = [numpy_helper.to_array(a.t) for n in m.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    consts = [numpy_helper.to_array(a.t) for n in m.graph.node if n.op_type == "Constant"
+              for a in n.attribute if a.name == "value"]  # fmt: skip
     taps = next(v for v in [*inits.values(), *consts] if v.ndim == 2 and v.shape[1] == 4 and v.dtype == np.int64)
     enc = PolarEncoder(chans, hidden, embed_dim, in_ch, size, taps.shape[0] // angles, angles)
     enc.pose_at_mode = any(n.op_type == "ArgMax" for n in m.graph.node)  # cyclic bundles read ψ at the mode

@@ -149,7 +149,9 @@ def sample(spec: DatasetSpec, split: Split, classes: list[str] | None, gen: torc
     return apply_pose(split.images, angle, mirrored), angle, mirrored
 
 
-def elastic(x: torch.Tensor, scale_px: float, smooth_px: float = 4.0, gen: torch.Generator | None = None) -> torch.Tensor:
+def elastic(
+    x: torch.Tensor, scale_px: float, smooth_px: float = 4.0, gen: torch.Generator | None = None
+) -> torch.Tensor:
     """Elastic deformation (Simard et al. 2003): a random displacement field, Gaussian-smoothed over `smooth_px`,
     of typical size `scale_px` pixels. Changes the handwriting, not the pose: the field has no mean turn."""
     n, _, s, _ = x.shape

@@ -68,7 +68,8 @@ def session(path: Path) -> ort.InferenceSession:
 
 def run_graph(sess: ort.InferenceSession, names: OutputNames, x: np.ndarray, batch: int = 512) -> GraphOutputs:
     parts = []
-    fields = [names.pose, names.reflection_logit, names.embedding, names.level, names.class_logits, names.rotation_score]
+    fields = [names.pose, names.reflection_logit, names.embedding, names.level, names.class_logits,
+              names.rotation_score]  # fmt: skip
     wanted = [n for n in fields if n is not None]
     for i in range(0, len(x), batch):
         o = sess.run(wanted, {sess.get_inputs()[0].name: np.ascontiguousarray(x[i : i + batch], dtype=np.float32)})

@@ -40,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
 
     err = angle_errors(enc, test.images, 0.0)
     labels = np.asarray(test.labels)
-    print(f"\nupright: up found for {np.mean(err < 45):.1%} of {len(err)} test digits, median |error| {np.median(err):.1f}°")
+    print(f"\nupright: up found for {np.mean(err < 45):.1%} of {len(err)} test digits, "
+          f"median |error| {np.median(err):.1f}°")
     for c in range(10):
         m = labels == c
-        print(f"digit {c}: n={m.sum():3d} up found {np.mean(err[m] < 45):.0%}  median |error| {np.median(err[m]):.1f}°")
+        print(f"digit {c}: n={m.sum():3d} up found {np.mean(err[m] < 45):.0%}  "
+              f"median |error| {np.median(err[m]):.1f}°")
     return 0
 
 

@@ -91,7 +91,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             print("[train] existing checkpoint has other settings: starting fresh")
 
     def save(stage: str, **extra):
-        state = dict(config=asdict(cfg), spec=spec.model_dump(), encoder=enc.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step, gen=gen.get_state(), stage=stage, **extra)
+        state = dict(config=asdict(cfg), spec=spec.model_dump(), encoder=enc.state_dict(), opt=opt.state_dict(),
+                     sched=sched.state_dict(), step=step, gen=gen.get_state(), stage=stage, **extra)  # fmt: skip
         torch.save(state, ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # atomic: a killed run never leaves a torn checkpoint
 

@@ -1,6 +1,7 @@
 """KServe V2 / Open Inference Protocol (JSON). Inputs: one FP32 tensor [N,C,S,S] already preprocessed and normalised
 as the manifest says, or one BYTES tensor [N] of base64-encoded image files (decoded and preprocessed like /v1).
-Outputs: the graph's own tensors (pose, reflection_logit, embedding, level, class_logits), via the same batcher.
+Outputs: the graph's own tensors (pose, reflection_logit, embedding, level, class_logits, rotation_score), via the
+same batcher.
 """
 
 from __future__ import annotations

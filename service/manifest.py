@@ -102,7 +102,8 @@ class OutputNames(_Strict):
 class GroupCalibration(_Strict):
     """Held-out in-distribution nonconformity scores of one group (class or cluster), sorted ascending.
 
-    rotation score = |φ| / max(Θ(x), min_level_deg), or the graph's rotation_score output; reflection score = P(reflected) * (1 - reflection level).
+    rotation score = |φ| / max(Θ(x), min_level_deg), or the graph's rotation_score output;
+    reflection score = P(reflected) * (1 - reflection level).
     A conformal p-value is (1 + #{cal >= s}) / (n + 1).
     """
 

@@ -138,7 +138,9 @@ def non_equivariant_graph(path: Path, size: int = 29, classes: int = 10, seed: i
         nodes.append(helper.make_node("MatMul", ["flat", f"W_{k}"], [f"{k}_2d" if d == 1 else k]))
         if d == 1:
             nodes.append(helper.make_node("Reshape", [f"{k}_2d", "flat_shape"], [k]))
-    outputs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["N"] if d == 1 else ["N", d]) for k, d in dims.items()]
+    outputs = [
+        helper.make_tensor_value_info(k, TensorProto.FLOAT, ["N"] if d == 1 else ["N", d]) for k, d in dims.items()
+    ]
     graph = helper.make_graph(
         nodes,
         "dense",
