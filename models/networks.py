@@ -76,7 +76,7 @@ class _BankConv(nn.Module):
     dilation: int = 1
 
     def bank(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.weight.flatten()[self.index], self.bias.repeat_interleave(N_G)
+        return self.weight.flatten()[self.index], self.bias.repeat_interleave(self.group)
 
     def conv_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, w, b, self.stride, self.pad, self.dilation)
@@ -210,29 +210,6 @@ class Encoder(nn.Module):
         z, wv = cont[:, :4] @ self.basis[:4], cont[:, 4:] @ self.basis[4:]
         pose = torch.where((logit > 0)[:, None], -wv, z)
         return emb, pose, logit, z, -wv, logits, z_coarse, -w_coarse
-
-
-class Decoder(nn.Module):
-    """Invariant embedding -> canonical image (no equivariance needed: the pose puts it back in place)."""
-
-    def __init__(self, embed_dim: int = 32, size: int = 29, channels: int = 1):
-        super().__init__()
-        self.size, self.channels = size, channels
-        self.net = nn.Sequential(
-            nn.Linear(embed_dim, 64 * 8 * 8),
-            nn.ReLU(),
-            nn.Unflatten(1, (64, 8, 8)),
-            nn.ConvTranspose2d(64, 32, 4, 2, 1),  # 16
-            nn.ReLU(),
-            nn.ConvTranspose2d(32, 16, 4, 2, 1),  # 32
-            nn.ReLU(),
-            nn.Conv2d(16, channels, 3, 1, 1),
-        )
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        y = self.net(emb)
-        o = (y.shape[-1] - self.size) // 2
-        return y[..., o : o + self.size, o : o + self.size]
 
 
 class LevelHead(nn.Module):

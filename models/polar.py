@@ -1,6 +1,6 @@
 """The polar pose posterior: an exactly equivariant network whose output is a distribution over poses.
 
-The image is sampled on a polar grid (R radii x A angles about the centre pixel) by one constant matrix, so a
+The image is sampled on a polar grid (R radii x A angles about the centre pixel), bilinearly, so a
 rotation of the image by 360°/A·j is a cyclic shift of the angle axis by j; a left-right mirror reverses it. The
 layers are convolutions that wrap around the angle axis, on mirror-regular fields (each field a pair: the filter
 and its angle-reversed copy), so the whole network commutes with shifts and reversals of the angle axis:
@@ -11,7 +11,8 @@ and its angle-reversed copy), so the whole network commutes with shifts and reve
 The output is a log-posterior over 2·A poses (unmirrored / mirrored x A angles). Trained by cross-entropy toward
 the identity on draws of the training distribution, it learns p(pose | x): how the data poses inputs like x.
 That one distribution gives the pose (its circular mean), the reflection logit, and how surprising the identity
-pose is for x (the rotation nonconformity score). The warp is a MatMul by a constant, not a GridSample.
+pose is for x (the rotation nonconformity score). The sampling is a Gather and a weighted sum with constant
+taps, not a GridSample.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.networks import Block, FieldNorm
+from models.networks import Block, FieldNorm, _BankConv
 
 MIRROR = 2  # a mirror-regular field has two channels: (unmirrored, mirrored)
 
@@ -72,9 +73,10 @@ def _mirror_index(shape: tuple[int, ...], lifting: bool) -> torch.Tensor:
     return torch.from_numpy(bank.reshape(co * MIRROR, ci * MIRROR, kr, ka).copy())
 
 
-class MirrorConv(nn.Module):
+class MirrorConv(_BankConv):
     """Convolution over (radius, angle), wrapping around the angle axis, zero-padded along the radius.
-    lifting: [N, Ci, R, A] -> [N, Co*2, R', A]; else mirror-regular fields [N, Ci*2, R, A] -> [N, Co*2, R', A]."""
+    lifting: [N, Ci, R, A] -> [N, Co*2, R', A]; else mirror-regular fields [N, Ci*2, R, A] -> [N, Co*2, R', A].
+    The bank is gathered as for the D4 layers (`_BankConv`); only the padding differs."""
 
     group = MIRROR
 
@@ -89,16 +91,10 @@ class MirrorConv(nn.Module):
         self.stride, self.dilation = stride, dilation
         self.pad_r, self.pad_a = kernel[0] // 2, dilation * (kernel[1] // 2)
 
-    def bank(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.weight.flatten()[self.index], self.bias.repeat_interleave(MIRROR)
-
     def conv_with(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.pad_a:  # wrap around the angle axis (slices + Concat in ONNX, no Pad mode needed)
             x = torch.cat([x[..., -self.pad_a :], x, x[..., : self.pad_a]], dim=-1)
         return F.conv2d(x, w, b, (self.stride, 1), (self.pad_r, 0), (1, self.dilation))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_with(x, *self.bank())
 
 
 class PolarEncoder(nn.Module):
