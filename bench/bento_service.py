@@ -4,7 +4,7 @@ Runs only in the benchmark's own virtual environment (BentoML is not a symguard 
 
     python3 -m venv bench/.venv-bentoml
     bench/.venv-bentoml/bin/pip install bentoml onnxruntime==1.32.0 pillow numpy orjson pydantic pydantic-settings psutil
-    cd /path/to/repo && SYMGUARD_BENCH_BUNDLE=models/repository/mnist-multiple-flip/5 \
+    cd /path/to/repo && SYMGUARD_BENCH_BUNDLE=models/repository/mnist-multiple-flip/6 \
         bench/.venv-bentoml/bin/bentoml serve bench.bento_service:Front --host 127.0.0.1 --port 8102
 
 Layout, as BentoML's model-composition guide has it:
@@ -45,7 +45,7 @@ from service.manifest import Manifest  # noqa: E402
 from service.preprocess import to_model_input  # noqa: E402
 from service.scoring import GraphOutputs, score_rows  # noqa: E402
 
-BUNDLE = Path(os.environ.get("SYMGUARD_BENCH_BUNDLE", ROOT / "models/repository/mnist-multiple-flip/5"))
+BUNDLE = Path(os.environ.get("SYMGUARD_BENCH_BUNDLE", ROOT / "models/repository/mnist-multiple-flip/6"))
 THREADS = int(os.environ.get("SYMGUARD_BENCH_THREADS", "2"))
 MAX_BATCH = int(os.environ.get("SYMGUARD_BENCH_BENTO_MAX_BATCH", "64"))
 MAX_LATENCY_MS = int(os.environ.get("SYMGUARD_BENCH_BENTO_MAX_LATENCY_MS", "60000"))

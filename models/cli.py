@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="learn pose and symmetry level from a dataset spec or an image folder, then export a bundle")
     t.add_argument("dataset", nargs="?", default=DEFAULT_MODEL, help="built-in spec (models/specs/*.yaml), a spec YAML, or an image folder")
-    t.add_argument("--steps", type=int, default=750, help="pose-posterior steps (each: a batch and a turned copy)")
+    t.add_argument("--steps", type=int, default=1500, help="pose-posterior steps (each: a batch and a turned copy)")
     t.add_argument("--contrast", type=float, default=0.5, help="weight of the embedding's InfoNCE term")
     t.add_argument("--elastic", type=float, default=2.0, help="elastic deformation of the copy, pixels (0: none)")
     t.add_argument("--level-steps", type=int, default=2000, help="steps for the level and group heads")

@@ -6,7 +6,7 @@ layers are convolutions that wrap around the angle axis, on mirror-regular field
 and its angle-reversed copy), so the whole network commutes with shifts and reversals of the angle axis:
   * exactly, for quarter turns and mirrors of the image (the polar grid is symmetric under them and bilinear
     sampling commutes with them), checked on the exported graph;
-  * up to interpolation, for every multiple of 360°/A (5.6° for A = 64): far closer to a continuous rotation
+  * up to interpolation, for every multiple of 360°/A (11.25° for A = 32): far closer to a continuous rotation
     than a D4 network, whose angles between quarter turns are learned, not built in.
 The output is a log-posterior over 2·A poses (unmirrored / mirrored x A angles). Trained by cross-entropy toward
 the identity on draws of the training distribution, it learns p(pose | x): how the data poses inputs like x.
@@ -107,7 +107,7 @@ class PolarEncoder(nn.Module):
     """
 
     def __init__(self, channels: tuple[int, ...] = (16, 32, 32, 48), hidden: int = 32, embed_dim: int = 32,
-                 in_channels: int = 1, size: int = 29, radii: int = 16, angles: int = 64):  # fmt: skip
+                 in_channels: int = 1, size: int = 29, radii: int = 16, angles: int = 32):  # fmt: skip
         super().__init__()
 
         def block(ci: int, co: int, kernel=(3, 5), stride=1, dilation=1, lifting=False) -> Block:
