@@ -122,7 +122,11 @@ def test_exif_orientations_in_jpeg_with_the_shipped_model(corpus):
         for k in range(1, 9):
             row = _score(c, corpus[f"jpeg-exif-orientation-{k}"].body)
             assert angle_diff(row["angle_deg"], upright["angle_deg"]) < 10.0, (k, row, upright)
-            assert row["reflected"] == upright["reflected"], (k, row, upright)
+            # a mirror-symmetric digit sits near P = 0.5, where JPEG noise may tip the decision: compare the
+            # probability, and the decision only where the upright one is clear
+            assert abs(row["reflected_probability"] - upright["reflected_probability"]) < 0.1, (k, row, upright)
+            if abs(upright["reflected_probability"] - 0.5) > 0.1:
+                assert row["reflected"] == upright["reflected"], (k, row, upright)
             assert abs(row["score"] - upright["score"]) < 0.1 * max(1.0, upright["score"]), (k, row, upright)
 
 
