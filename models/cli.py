@@ -82,21 +82,23 @@ def cmd_standardize(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from models.train import TrainConfig as C  # one home for the training defaults (torch: training commands only)
+
     p = argparse.ArgumentParser(prog="symguard", description="Learn and evaluate per-input symmetry levels.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="learn pose and symmetry level from a dataset spec or an image folder, then export a bundle")
     t.add_argument("dataset", nargs="?", default=DEFAULT_MODEL, help="built-in spec (models/specs/*.yaml), a spec YAML, or an image folder")
-    t.add_argument("--steps", type=int, default=1500, help="pose-posterior steps (each: a batch and a turned copy)")
-    t.add_argument("--contrast", type=float, default=0.5, help="weight of the embedding's InfoNCE term")
-    t.add_argument("--elastic", type=float, default=2.0, help="elastic deformation of the copy, pixels (0: none)")
-    t.add_argument("--level-steps", type=int, default=2000, help="steps for the level and group heads")
-    t.add_argument("--out", default="runs", help="checkpoint folder (resumable)")
+    t.add_argument("--steps", type=int, default=C.steps, help="pose-posterior steps (each: a batch and a turned copy)")
+    t.add_argument("--contrast", type=float, default=C.contrast, help="weight of the embedding's InfoNCE term")
+    t.add_argument("--elastic", type=float, default=C.elastic, help="elastic deformation of the copy, pixels (0: none)")
+    t.add_argument("--level-steps", type=int, default=C.level_steps, help="steps for the level and group heads")
+    t.add_argument("--out", default=C.out, help="checkpoint folder (resumable)")
     t.add_argument("--repo", default=str(REPOSITORY), help="model repository to export into")
     t.add_argument("--name", default=None, help="bundle name (default: the dataset name)")
     t.add_argument("--alpha", type=float, default=0.01, help="false-alarm rate to calibrate for")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    t.add_argument("--seed", type=int, default=C.seed)
+    t.add_argument("--threads", type=int, default=C.threads, help="torch threads (0: all cores)")
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--no-export", action="store_true", help="stop after training")
     t.set_defaults(fn=cmd_train)
