@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -39,19 +41,39 @@ def sniff(data: bytes) -> str | None:
 
 def decode_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Image:
     """Decode one image; raises typed errors that name `what` (e.g. "images[2]")."""
+    return finish_image(open_image(data, max_pixels, what), data, what)
+
+
+def open_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Image:
+    """Read only the header (microseconds) and refuse huge canvases before a single pixel is decoded."""
     if not data:
         raise CorruptImage(f"{what} is empty")
-    try:
+    with _decoding(data, what):
         img = Image.open(io.BytesIO(data), formats=FORMATS)
-        # Image.open reads only the header: refuse huge canvases before a single pixel is decoded.
-        # (Pillow's own DecompressionBombError, at 2x Image.MAX_IMAGE_PIXELS, stays as a second line.)
         w, h = img.size
         if w * h > max_pixels:
             raise TooManyPixels(f"{what} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}", width=w, height=h)
-        img.load()  # the first frame of an animation
+        return img
+
+
+def finish_image(img: Image.Image, data: bytes, what: str = "image") -> Image.Image:
+    """Decode the pixels of an opened image (the first frame of an animation) and apply its EXIF orientation."""
+    with _decoding(data, what):
+        img.load()
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # unreadable EXIF: no viewer can apply its orientation either; the stored pixels are the picture
+        return img
+
+
+@contextmanager
+def _decoding(data: bytes, what: str) -> Iterator[None]:
+    """Pillow's zoo of exceptions -> our typed errors."""
+    try:
+        yield
     except TooManyPixels:
         raise
-    except Image.DecompressionBombError as e:
+    except Image.DecompressionBombError as e:  # Pillow's own limit (2x MAX_IMAGE_PIXELS), a second line behind ours
         raise TooManyPixels(f"{what}: {e}") from None
     except UnidentifiedImageError:
         if fmt := sniff(data):
@@ -59,10 +81,6 @@ def decode_image(data: bytes, max_pixels: int, what: str = "image") -> Image.Ima
         raise UnsupportedMediaType(f"{what} is not an image in a supported format ({', '.join(FORMATS)})") from None
     except Exception as e:  # truncated or malformed data: Pillow's decoders raise a zoo of types
         raise CorruptImage(f"{what} could not be decoded: {type(e).__name__}: {e}") from None
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # unreadable EXIF: no viewer can apply its orientation either; the stored pixels are the picture
-        return img
 
 
 def decode_base64(text: object, what: str) -> bytes:

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from service.auth import require_admin, require_api
 from service.config import Settings
 from service.errors import BadRequest
-from service.inputs import decode_all, read_images, to_batch
+from service.inputs import decode_batch, read_images
 from service.metrics import CONTENT_TYPE
 from service.registry import Registry
 from service.schemas import ErrorBody, ModelInfo, ModelsResponse, ReadyResponse, ScoreResponse, SelfCheckInfo
@@ -62,7 +62,7 @@ async def score(request: Request, model: ModelQuery = None) -> Response:
     served = served_model(request, ref)
     images = await read_images(request, settings)
     spec = served.runtime.manifest.input
-    x = await run_in_threadpool(lambda: to_batch(decode_all(images, settings.max_pixels), spec))
+    _, x = await decode_batch(images, spec, settings.max_pixels)
     result = await infer(request, served, x, ref)
     rt = result.runtime  # the version that actually scored (a reload may have swapped it meanwhile)
     body = ScoreResponse(model=rt.name, version=rt.version, provider=rt.provider, results=result.rows)

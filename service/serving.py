@@ -10,14 +10,13 @@ from typing import Any
 
 import orjson
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from service.batching import Result
 from service.errors import InferenceTimeout, ShuttingDown
 from service.geometry import canonicalize
-from service.inputs import Encoded, decode_all, to_batch
+from service.inputs import Encoded, decode_batch
 from service.preprocess import to_mode
 from service.registry import Registry, Served
 from service.repository import ModelRef
@@ -83,11 +82,10 @@ class Scored:
 
 
 async def score_one(request: Request, served: Served, ref: ModelRef | None, image: Encoded) -> Scored:
-    """Decode (on a thread), preprocess and score one image. Decode errors are 4xx; the rest comes from infer()."""
+    """Decode, preprocess and score one image. Decode errors are 4xx; the rest comes from infer()."""
     settings = request.app.state.settings
     spec = served.runtime.manifest.input
-    decoded = await run_in_threadpool(decode_all, [image], settings.max_pixels)
-    x = await run_in_threadpool(to_batch, decoded, spec)
+    decoded, x = await decode_batch([image], spec, settings.max_pixels)
     row = (await infer(request, served, x, ref)).rows[0]
     return Scored(row, decoded[0], spec.background)
 
