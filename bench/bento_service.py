@@ -12,16 +12,18 @@ Layout, as BentoML's model-composition guide has it:
   symguard's /v1/score (a raw image body, or multipart files), decodes and preprocesses with symguard's own
   code on a worker thread, sends the tensor to `Model`, scores the rows with symguard's `score_rows` and answers
   the same JSON (orjson). So per image it does exactly symguard's work; only the serving layer differs.
-* `Model` (1 worker process): `infer` is a batchable BentoML API, so BentoML's adaptive batching (the CORK
-  dispatcher, which learns the batch's execution time and decides how long to wait for more) merges the tensors
-  of concurrent requests along axis 0 into one ONNX Runtime `session.run`.
+* `Model` (1 worker process by default; SYMGUARD_BENCH_BENTO_MODEL_WORKERS, compare.py --b-workers): `infer` is a
+  batchable BentoML API, so BentoML's adaptive batching (the CORK dispatcher, which learns the batch's execution
+  time and decides how long to wait for more) merges the tensors of concurrent requests along axis 0 into one ONNX
+  Runtime `session.run`. With several workers, BentoML runs one process each and spreads calls over them.
 
 Batching configuration: max_batch_size = 64 images (two 32-image requests, or 64 single images, per run) and
 max_latency_ms = 60,000 (BentoML's default). BentoML's dispatcher cancels any request whose estimated latency
 passes max_latency_ms (the model service drops the call, the front answers 500). At 64 clients a request here
 legitimately waits seconds in the queue: a first run with max_latency_ms = 10,000 shed 534 of the single-image
 and 712 of the 32-image requests at concurrency 64, which measures load shedding, not serving. The ONNX
-Runtime session uses symguard's settings (intra-op threads = 2, spinning off, all graph optimisations).
+Runtime session uses symguard's session options (spinning off, all graph optimisations) with
+SYMGUARD_BENCH_THREADS intra-op threads per model worker (compare.py: its --threads divided by --b-workers).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from service.preprocess import to_model_input  # noqa: E402
 from service.scoring import GraphOutputs, score_rows  # noqa: E402
 
 BUNDLE = Path(os.environ.get("SYMGUARD_BENCH_BUNDLE", ROOT / "models/repository/mnist-multiple-flip/6"))
-THREADS = int(os.environ.get("SYMGUARD_BENCH_THREADS", "2"))
+THREADS = int(os.environ.get("SYMGUARD_BENCH_THREADS", "2"))  # ONNX Runtime intra-op threads per model worker
+MODEL_WORKERS = int(os.environ.get("SYMGUARD_BENCH_BENTO_MODEL_WORKERS", "1"))  # processes of `Model`
 MAX_BATCH = int(os.environ.get("SYMGUARD_BENCH_BENTO_MAX_BATCH", "64"))
 MAX_LATENCY_MS = int(os.environ.get("SYMGUARD_BENCH_BENTO_MAX_LATENCY_MS", "60000"))
 MANIFEST = Manifest.model_validate_json((BUNDLE / "manifest.json").read_text())
@@ -66,7 +69,7 @@ OUTPUTS = [
 ]
 
 
-@bentoml.service(workers=1, logging=NO_ACCESS_LOG)
+@bentoml.service(workers=MODEL_WORKERS, logging=NO_ACCESS_LOG)
 class Model:
     def __init__(self) -> None:
         import onnxruntime as ort

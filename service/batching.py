@@ -1,9 +1,11 @@
-"""Micro-batching: one worker per served model turns many small requests into one session.run.
+"""Micro-batching: one batcher per served model turns many small requests into few session.run calls.
 
-The worker takes the first waiting request, then keeps taking more until it holds max_batch images or max_delay
-has passed (or no other request is in progress, so none can come: a lone request does not wait), runs them as ONE
-batch on its own thread (never on the event loop), and hands each caller its rows.
-The queue is bounded: a full queue is a 503 with Retry-After, not unbounded memory and latency.
+The batcher waits for a free inference worker, then takes the first waiting request and keeps taking more until
+it holds max_batch images or max_delay has passed (or no other request is in progress, so none can come: a lone
+request does not wait). It runs the batch on a worker thread (never on the event loop) and hands each caller its
+rows. With several workers, several batches run at once; a batch that finds other workers idle and nothing else
+waiting is split across them, so a lone request still uses every core. The queue is bounded: a full queue is a 503
+with Retry-After, not unbounded memory and latency.
 """
 
 from __future__ import annotations
@@ -54,16 +56,21 @@ class Batcher:
         max_delay_ms: float,
         queue_size: int,
         in_flight: InFlight | None = None,
+        workers: int = 1,
     ) -> None:
         self.runtime = runtime
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_delay = max_delay_ms / 1000.0
         self.in_flight = in_flight  # None: always wait max_delay for more
+        self.workers = workers
         self.queue: asyncio.Queue[_Job | object] = asyncio.Queue(queue_size)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{runtime.name}-{runtime.version}")
+        self._free = asyncio.Semaphore(workers)  # idle worker threads
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"infer-{runtime.name}-{runtime.version}")
         self._groups = {g.name for g in runtime.manifest.calibration.groups[:MAX_GROUP_LABELS]}
         self._task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()  # batches running now
+        self._jobs_running = 0  # requests in those batches
         self._closing = False
 
     def start(self) -> None:
@@ -116,6 +123,9 @@ class Batcher:
             carry = None
             if first is _STOP:
                 break
+            # A worker first, then the batch: requests arriving while every worker is busy wait in the queue and
+            # join this batch, instead of each starting a small batch of its own.
+            await self._free.acquire()
             jobs: list[_Job] = [first]  # type: ignore[list-item]
             n = len(first.x)  # type: ignore[union-attr]
             deadline = loop.time() + self.max_delay
@@ -139,34 +149,59 @@ class Batcher:
                 jobs.append(nxt)  # type: ignore[arg-type]
                 n += len(nxt.x)  # type: ignore[union-attr]
             self._depth()
-            await self._run(loop, [j for j in jobs if not j.future.done()])  # callers that gave up are skipped
+            live = [j for j in jobs if not j.future.done()]  # callers that gave up are skipped
+            if not live:
+                self._free.release()
+                continue
+            batch = loop.create_task(self._run(loop, live))
+            self._batches.add(batch)
+            batch.add_done_callback(self._batches.discard)
+        if self._batches:
+            await asyncio.wait(list(self._batches))
         self._depth()
 
     def _none_coming(self, collected: int) -> bool:
-        """True when every request in progress is already in this batch: waiting could only add latency. (With
+        """True when every request in progress is already in a batch: waiting could only add latency. (With
         several models, or a guard's forwarded requests, the count over-estimates, and the batch waits as before.)"""
-        return self.in_flight is not None and self.in_flight.count <= collected
+        return self.in_flight is not None and self.in_flight.count <= collected + self._jobs_running
 
     async def _run(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
-        if not jobs:
-            return
+        """Run one batch on the worker already taken for it (plus any idle ones it can split across), then answer."""
         x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
+        parts = 1
+        if self.queue.empty():  # nothing else to run: idle workers take a share of this batch
+            while parts < min(self.workers, len(x)) and not self._free.locked():
+                await self._free.acquire()  # immediate: the semaphore is not locked
+                parts += 1
+        self._jobs_running += len(jobs)
         try:
-            result = await loop.run_in_executor(self._executor, self._infer, x)
-        except Exception as e:  # the worker must outlive any one bad batch
-            log.exception(
-                "inference failed for a batch of %d on %s:%s", len(x), self.runtime.name, self.runtime.version
+            done = await asyncio.gather(
+                *(loop.run_in_executor(self._executor, self._infer, chunk) for chunk in np.array_split(x, parts)),
+                return_exceptions=True,  # every part finishes before its worker is counted idle again
             )
-            err = InferenceFailed(f"inference failed: {type(e).__name__}: {e}")
+        finally:
+            self._jobs_running -= len(jobs)
+            for _ in range(parts):
+                self._free.release()
+        failed = next((e for e in done if isinstance(e, BaseException)), None)
+        if failed is not None:  # the batcher must outlive any one bad batch
+            log.error(
+                "inference failed for a batch of %d on %s:%s", len(x), self.runtime.name, self.runtime.version,
+                exc_info=failed,
+            )  # fmt: skip
+            err = InferenceFailed(f"inference failed: {type(failed).__name__}: {failed}")
             for j in jobs:
                 if not j.future.done():
                     j.future.set_exception(err)
             return
+        results: list[Result] = done  # type: ignore[assignment]
+        outputs = results[0].outputs if parts == 1 else GraphOutputs.concat([r.outputs for r in results])
+        rows = [row for r in results for row in r.rows]
         start = 0
         for j in jobs:
             stop = start + len(j.x)
             if not j.future.done():
-                j.future.set_result(Result(result.outputs.rows(start, stop), result.rows[start:stop], self.runtime))
+                j.future.set_result(Result(outputs.rows(start, stop), rows[start:stop], self.runtime))
             start = stop
 
     def _infer(self, x: np.ndarray) -> Result:

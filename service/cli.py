@@ -117,7 +117,7 @@ def cmd_score(args: list[str]) -> int:
                 a.model or settings.model or (DEFAULT_MODEL if DEFAULT_MODEL in names or not names else names[0])
             )
             bundle = repo.open(ref)
-        rt = runtime.load(bundle, settings.intra_op_threads)
+        rt = runtime.load(bundle, settings.intra_op_threads * settings.workers)  # one process, every core
         encoded = []
         for path in a.images:
             try:

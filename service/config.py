@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,11 +45,15 @@ class Settings(BaseSettings):
     require_cuda: bool = Field(
         False, description="refuse to start unless ONNX Runtime actually runs on CUDAExecutionProvider"
     )
-    intra_op_threads: int = Field(
-        default_factory=available_cores,
+    # Several single-threaded session.run calls at once beat one call on several threads here: on 2 cores the event
+    # loop competes for a core, and an intra-op thread that loses it stalls the whole call (BENCHMARKS.md).
+    inference_workers: int | None = Field(
+        None,
         ge=1,
-        description="ONNX Runtime intra-op threads (the factory counts the cores this process may use)",
+        description="batches run at once, each on its own thread; a lone batch is split across idle workers "
+        "(unset: the cores this process may use, divided by --intra-op-threads)",
     )
+    intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime threads inside each session.run")
 
     # ---- batching
     max_batch: int = Field(32, ge=1, le=4096, description="most images per session.run")
@@ -92,6 +96,17 @@ class Settings(BaseSettings):
     )
 
     log_level: str = Field("info", description="debug, info, warning, error")
+
+    @model_validator(mode="after")
+    def _workers_fill_the_cores(self) -> Settings:
+        if self.inference_workers is None:
+            self.inference_workers = max(1, available_cores() // self.intra_op_threads)
+        return self
+
+    @property
+    def workers(self) -> int:
+        """inference_workers, resolved (never None after validation)."""
+        return self.inference_workers or 1
 
     @field_validator("admin_token", "api_token")
     @classmethod

@@ -92,7 +92,7 @@ class Registry:
                 raise
             batcher = Batcher(
                 rt, self.metrics, self.settings.max_batch, self.settings.max_delay_ms, self.settings.queue_size,
-                self.in_flight,
+                self.in_flight, self.settings.workers,
             )  # fmt: skip
             batcher.start()
             old = self.models.get(name)

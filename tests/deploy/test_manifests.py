@@ -258,7 +258,8 @@ def test_k8s_probes_are_real_routes_and_args_real_settings(monkeypatch):
     assert settings.upstream == cm["data"]["SYMGUARD_GUARD_UPSTREAM"] == "http://127.0.0.1:9001"
     assert settings.mode == cm["data"]["SYMGUARD_GUARD_MODE"]
     assert settings.intra_op_threads == int(cm["data"]["SYMGUARD_INTRA_OP_THREADS"])
-    assert settings.intra_op_threads <= quantity(sg["resources"]["limits"]["cpu"])
+    assert settings.inference_workers == int(cm["data"]["SYMGUARD_INFERENCE_WORKERS"])
+    assert settings.inference_workers * settings.intra_op_threads <= quantity(sg["resources"]["limits"]["cpu"])
     assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > settings.shutdown_timeout_s
     port_names = {p["name"]: p["containerPort"] for p in sg["ports"]}
     assert settings.port == port_names["http"]

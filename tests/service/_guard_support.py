@@ -59,7 +59,7 @@ class GuardServer(LiveServer):
         self.sock.bind(("127.0.0.1", 0))
         port = self.sock.getsockname()[1]
         self.settings = GuardSettings(  # type: ignore[call-arg]
-            host="127.0.0.1", port=port, intra_op_threads=1, max_delay_ms=1, **settings
+            host="127.0.0.1", port=port, intra_op_threads=1, inference_workers=2, max_delay_ms=1, **settings
         )
         self.app = create_guard_app(self.settings)
         config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)

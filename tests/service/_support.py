@@ -28,7 +28,9 @@ class LiveServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         port = self.sock.getsockname()[1]
-        self.settings = Settings(host="127.0.0.1", port=port, intra_op_threads=2, **settings)  # type: ignore[arg-type]
+        # the server's defaults on a 2-core machine, pinned so that tests do not depend on the core count
+        pinned: dict[str, object] = {"intra_op_threads": 1, "inference_workers": 2}
+        self.settings = Settings(host="127.0.0.1", port=port, **{**pinned, **settings})  # type: ignore[arg-type]
         self.app = create_app(self.settings)
         config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)

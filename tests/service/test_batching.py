@@ -20,11 +20,12 @@ def _histogram(metrics: str, name: str, model: str = "digits") -> tuple[float, f
     return s, n
 
 
-def test_concurrent_callers_get_their_own_rows(bundle_repo, mnist_digits):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_callers_get_their_own_rows(bundle_repo, mnist_digits, workers):
     digits, _ = mnist_digits
     picks = [int(i) for i in range(0, 5000, 5000 // N_CALLERS)][:N_CALLERS]
     moves = [D4[i % 8] for i in range(N_CALLERS)]
-    with LiveServer(repository=bundle_repo, max_batch=32, max_delay_ms=50) as s:
+    with LiveServer(repository=bundle_repo, max_batch=32, max_delay_ms=50, inference_workers=workers) as s:
         with s.client() as c:  # reference poses, one upright image per caller, sent together
             base = c.post("/v1/score", files=[("f", moved_png(digits[i], 0, False)) for i in picks]).json()["results"]
             before = _histogram(c.get("/metrics").text, "symguard_batch_size")
@@ -60,6 +61,24 @@ def test_concurrent_callers_get_their_own_rows(bundle_repo, mnist_digits):
     images, batches = after[0] - before[0], after[1] - before[1]
     assert images == N_CALLERS
     assert batches < N_CALLERS, "no two concurrent requests shared a session.run"
+
+
+def test_a_lone_batch_is_split_across_idle_workers_and_answered_as_one(bundle_repo, mnist_digits):
+    """One 10-image request on an idle server with two workers: two session.runs of 5, one answer whose rows are
+    those of each image scored alone, in order."""
+    pngs = [moved_png(mnist_digits[0][i], i % 4, i % 3 == 0) for i in range(10)]
+    with LiveServer(repository=bundle_repo, inference_workers=2, max_delay_ms=1) as s, s.client() as c:
+        alone = [c.post("/v1/score", content=p, headers={"content-type": "image/png"}).json() for p in pngs]
+        before = _histogram(c.get("/metrics").text, "symguard_batch_size")
+        whole = c.post("/v1/score", files=[("f", p) for p in pngs])
+        after = _histogram(c.get("/metrics").text, "symguard_batch_size")
+    assert whole.status_code == 200, whole.text
+    assert (after[0] - before[0], after[1] - before[1]) == (10, 2)  # images, session.runs
+    for row, one in zip(whole.json()["results"], alone, strict=True):
+        (single,) = one["results"]
+        assert angle_diff(row["angle_deg"], single["angle_deg"]) < 1e-3
+        assert row["reflected"] == single["reflected"] and row["class_name"] == single["class_name"]
+        assert row["score"] == pytest.approx(single["score"], abs=1e-4)
 
 
 def test_full_queue_answers_503_with_retry_after(bundle_repo, mnist_digits):
