@@ -392,7 +392,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--systems", default="ABC", help="which HTTP systems to run, e.g. AC")
     p.add_argument("--threads", type=int, default=2, help="compute threads per server (torch / ORT)")
-    p.add_argument("--b-workers", type=int, default=1, help="BentoML model worker processes (threads split among them)")
+    p.add_argument("--b-workers", type=int, help="BentoML model worker processes, --threads split among them "
+                   "(default: one single-threaded worker per thread, C's layout; it beat 1 x 2 threads for B too)")
     p.add_argument("--c-arg", action="append", default=[], help="extra `symguard serve` flag for C (repeatable)")
     p.add_argument("--skip-d", action="store_true", help="leave out D (for quick A/B runs of C's settings)")
     p.add_argument("--soak", type=int, default=0, help="after the table: N single-image requests to C, RSS over time")
@@ -410,7 +411,7 @@ def main() -> int:
     print(f"graph: {flops.macs:,} MACs = {flops.flops / 1e6:.1f} MFLOP per image; at batch 256 that is "
           f"{d[256] * flops.flops / 1e9:.1f} GFLOP/s")  # fmt: skip
 
-    wanted = dict(servers(a.threads, a.c_arg, a.b_workers))
+    wanted = dict(servers(a.threads, a.c_arg, a.b_workers or a.threads))
     if "A" in a.systems:
         print(naive_parity())
     if "B" in a.systems and not (BENTO_VENV / "bin/bentoml").exists():

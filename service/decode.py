@@ -61,9 +61,10 @@ def finish_image(img: Image.Image, data: bytes, what: str = "image") -> Image.Im
     with _decoding(data, what):
         img.load()
     try:
-        return ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the usual image that needs no turn
     except Exception:  # unreadable EXIF: no viewer can apply its orientation either; the stored pixels are the picture
-        return img
+        pass
+    return img
 
 
 @contextmanager
