@@ -448,6 +448,9 @@ def main() -> int:
                 k += 1
                 for key in rot:
                     with stopped(others(active, key)):
+                        # the same load for a few seconds first: an adaptive batcher (B's) re-learns the request
+                        # pattern after its pause, instead of being measured while it does
+                        run_load(active[key], bodies, per, conc, min(3.0, seconds), a.max_requests)
                         r = run_load(active[key], bodies, per, conc, seconds, a.max_requests)
                     runs.append(r)
                     print(f"  {r.scenario:<18} {key}: {r.images_per_s:8,.0f} img/s  p50 {r.p50_ms:7.1f} ms  "

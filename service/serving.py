@@ -61,13 +61,14 @@ async def infer(request: Request, served: Served, x: Any, ref: ModelRef | None) 
     """
     timeout = request.app.state.settings.request_timeout_s
     try:
-        try:
-            return await asyncio.wait_for(served.batcher.submit(x), timeout)
-        except ShuttingDown:
-            current = registry_of(request).get(ref)
-            if current is served or current.runtime.manifest.input != served.runtime.manifest.input:
-                raise
-            return await asyncio.wait_for(current.batcher.submit(x), timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: that wraps each request's wait in a task of its own
+            try:
+                return await served.batcher.submit(x)
+            except ShuttingDown:
+                current = registry_of(request).get(ref)
+                if current is served or current.runtime.manifest.input != served.runtime.manifest.input:
+                    raise
+                return await current.batcher.submit(x)
     except TimeoutError:
         raise InferenceTimeout(f"no result within {timeout:g}s") from None
 
