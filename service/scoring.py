@@ -141,61 +141,33 @@ def assign_groups(out: GraphOutputs, cal: Calibration, classes: list[str] | None
     return np.zeros(n, dtype=np.int64)
 
 
-SCALE_QUANTILE = 0.9  # a group's scale: estimable from ~50 scores, unlike the 99.5% tail a threshold needs
-
-
 def calibrate_groups(
     names: list[str], group_idx: np.ndarray, s_rot: np.ndarray, s_ref: np.ndarray, alpha: float, max_keep: int = 2000
 ) -> list[GroupCalibration]:
     """Conformal thresholds at α/2 per score type, so the two together keep the false-alarm rate at or under α.
 
     A group with enough scores to certify α/2 on its own (ceil(2/α), 200 at α = 1%) gets its own threshold
-    (Mondrian: the rate then holds within the group). The other groups share one threshold on *normalised* scores,
-    each divided by its own group's scale (its 90th percentile), so that a group whose in-distribution scores run
-    high does not set the threshold for one whose scores run low; each stores that shared distribution back on its
-    own scale, so its threshold and p-values read as before. Scores must be of distinct inputs: duplicates would
-    make too few scores look like enough (export de-duplicates its draws).
+    (Mondrian: the rate then holds within the group); a smaller group borrows every group's scores. The scores
+    must be of distinct inputs: duplicates would make too few pass for enough (export de-duplicates its draws).
+    (Tried: small groups sharing one threshold on scores divided by each group's 90th percentile. Where most
+    scores are exactly 0 that scale is unstable, and detection fell on both bundles tried; models/RESULTS.md.)
     """
     half = alpha / 2.0
-    own = np.array([(group_idx == gi).sum() >= math.ceil(1.0 / half) for gi in range(len(names))], dtype=bool)
-    rot = _per_group(group_idx, s_rot, own, half)
-    ref = _per_group(group_idx, s_ref, own, half)
-    keep = lambda a: np.sort(a)[np.linspace(0, len(a) - 1, min(len(a), max_keep)).round().astype(int)]  # noqa: E731
-    return [
-        GroupCalibration(
-            name=name,
-            rotation_scores=[round(float(v), 5) for v in keep(rot[gi][0])],
-            reflection_scores=[round(float(v), 5) for v in keep(ref[gi][0])],
-            rotation_threshold=rot[gi][1],
-            reflection_threshold=ref[gi][1],
+    groups = []
+    for gi, name in enumerate(names):
+        sel = group_idx == gi
+        rot, ref = (s_rot[sel], s_ref[sel]) if sel.sum() >= math.ceil(1.0 / half) else (s_rot, s_ref)
+        keep = lambda a: np.sort(a)[np.linspace(0, len(a) - 1, min(len(a), max_keep)).round().astype(int)]  # noqa: E731
+        groups.append(
+            GroupCalibration(
+                name=name,
+                rotation_scores=[round(float(v), 5) for v in keep(rot)],
+                reflection_scores=[round(float(v), 5) for v in keep(ref)],
+                rotation_threshold=conformal_threshold(rot, half),
+                reflection_threshold=conformal_threshold(ref, half),
+            )
         )
-        for gi, name in enumerate(names)
-    ]
-
-
-def _per_group(
-    group_idx: np.ndarray, scores: np.ndarray, own: np.ndarray, alpha: float
-) -> list[tuple[np.ndarray, float]]:
-    """(calibration scores, threshold) per group: its own, or the small groups' shared normalised ones."""
-    small = ~own[group_idx]
-    pool = small if small.sum() >= math.ceil(1.0 / alpha) else np.ones(len(scores), dtype=bool)  # too few: all
-    fallback = _scale(scores[pool])
-    scale = [_scale(scores[group_idx == gi]) or fallback or 1.0 for gi in range(len(own))]
-    normalised = scores[pool] / np.array([scale[g] for g in group_idx[pool]])
-    shared = conformal_threshold(normalised, alpha)
-    out = []
-    for gi, mine in enumerate(own):
-        if mine:
-            s = scores[group_idx == gi]
-            out.append((s, conformal_threshold(s, alpha)))
-        else:
-            out.append((normalised * scale[gi], shared * scale[gi]))
-    return out
-
-
-def _scale(scores: np.ndarray) -> float:
-    """A group's typical high score (0.0 when it has none, or when most of them are exactly 0: no scale to read)."""
-    return float(np.quantile(scores, SCALE_QUANTILE)) if len(scores) else 0.0
+    return groups
 
 
 # ---------------------------------------------------------------- scoring (used by the server and eval)

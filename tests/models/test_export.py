@@ -133,3 +133,22 @@ def test_torch_is_not_needed_to_read_a_bundle(test_bundle):
     )
     subprocess.run([sys.executable, "-c", code, str(test_bundle)], check=True)
     assert torch.__version__  # torch is only in the training extra
+
+
+def test_calibration_counts_each_distinct_draw_once():
+    """mnist's classes are never turned nor mirrored: 8 calibration draws of a digit are one image, and calibration
+    sees it once (counted 8 times, ~50 scores per class passed for the 200 a class threshold needs)."""
+    import torch
+
+    from models.datasets import load_source, load_spec, repeat, sample
+    from models.export import distinct
+
+    spec = load_spec("mnist")
+    src = load_source(spec)
+    calib = src.calib
+    drawn = sample(spec, repeat(calib, 8), src.classes, torch.Generator().manual_seed(0))[0].numpy()
+    assert len(drawn) == 8 * len(calib.images)
+    assert len(distinct(drawn)) == len(np.unique(calib.images.numpy().reshape(len(calib.images), -1), axis=0))
+    turned = load_spec("mnist-multiple")  # classes 1-9 turn: their draws differ
+    drawn = sample(turned, repeat(calib, 8), src.classes, torch.Generator().manual_seed(0))[0].numpy()
+    assert len(distinct(drawn)) > 7 * len(calib.images)
