@@ -42,9 +42,8 @@ from starlette.concurrency import run_in_threadpool
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.decode import decode_image  # noqa: E402
+from service.inputs import Encoded, prepare_batch  # noqa: E402
 from service.manifest import Manifest  # noqa: E402
-from service.preprocess import to_model_input  # noqa: E402
 from service.scoring import GraphOutputs, score_rows  # noqa: E402
 
 BUNDLE = Path(os.environ.get("SYMGUARD_BENCH_BUNDLE", ROOT / "models/repository/mnist-multiple-flip/6"))
@@ -92,7 +91,7 @@ app = FastAPI()
 
 
 def _prepare(blobs: list[bytes]) -> np.ndarray:
-    return np.stack([to_model_input(decode_image(b, 16_000_000), MANIFEST.input) for b in blobs])
+    return prepare_batch([Encoded(b, "image") for b in blobs], MANIFEST.input, 16_000_000)  # symguard's own
 
 
 def _rows(y: np.ndarray) -> list[dict]:

@@ -17,7 +17,7 @@ from service.config import Settings
 from service.decode import IMAGE_MEDIA_TYPES, decode_base64, decode_image, finish_image, media_type, open_image
 from service.errors import BadRequest, NoImage, TooManyImages, UnsupportedMediaType
 from service.manifest import InputSpec
-from service.preprocess import to_model_input
+from service.preprocess import normalise_many, prepare
 from service.schemas import ScoreJSON
 
 
@@ -110,13 +110,13 @@ def decode_all(images: list[Encoded], max_pixels: int) -> list[Image.Image]:
 
 
 def to_batch(images: list[Image.Image], spec: InputSpec) -> np.ndarray:
-    rows = []
+    prepared = []
     for i, img in enumerate(images):
         try:
-            rows.append(to_model_input(img, spec))
+            prepared.append(prepare(img, spec))
         except (ValueError, OSError) as e:  # an exotic pixel mode Pillow cannot convert
             raise UnsupportedMediaType(f"image {i} (mode {img.mode}) cannot be converted for the model: {e}") from None
-    return np.stack(rows)
+    return normalise_many(prepared, spec)
 
 
 def prepare_batch(images: list[Encoded], spec: InputSpec, max_pixels: int) -> np.ndarray:

@@ -244,29 +244,33 @@ def score_arrays(out: GraphOutputs, manifest: Manifest) -> ScoreArrays:
 def score_rows(out: GraphOutputs, manifest: Manifest) -> list[ImageScore]:
     a = score_arrays(out, manifest)
     names = [g.name for g in manifest.calibration.groups]
+    classes = manifest.classes if manifest.classes and out.class_logits is not None else None
+    cls = np.argmax(out.class_logits, axis=1).tolist() if classes else [None] * len(out)
+    # whole columns to Python first: indexing numpy arrays element by element costs more than the rows themselves
+    columns = zip(
+        a.angle_deg.tolist(), a.p_reflected.tolist(), a.rotation_level.tolist(), a.reflection_level.tolist(),
+        a.score.tolist(), a.rotation_score.tolist(), a.reflection_score.tolist(), a.p_value.tolist(),
+        a.ood_rotation.tolist(), a.ood_reflection.tolist(), a.group.tolist(), a.hard_rule_ood.tolist(), cls,
+    )  # fmt: skip
     rows = []
-    for i in range(len(out)):
-        rot, ref = bool(a.ood_rotation[i]), bool(a.ood_reflection[i])
+    for angle, p_refl, level, refl_level, score, s_rot, s_ref, p, rot, ref, group, hard, c in columns:
         reason: Reason | None = "both" if rot and ref else "rotation" if rot else "reflection" if ref else None
-        cls = None
-        if manifest.classes and out.class_logits is not None:
-            cls = manifest.classes[int(np.argmax(out.class_logits[i]))]
         rows.append(
             ImageScore(
-                angle_deg=round(float(a.angle_deg[i]), 3),
-                reflected=bool(a.p_reflected[i] > 0.5),
-                reflected_probability=round(float(a.p_reflected[i]), 5),
-                rotation_level_deg=round(float(a.rotation_level[i]), 3),
-                reflection_level=round(float(a.reflection_level[i]), 5),
-                score=round(float(a.score[i]), 5),
-                rotation_score=round(float(a.rotation_score[i]), 5),
-                reflection_score=round(float(a.reflection_score[i]), 5),
-                p_value=round(float(a.p_value[i]), 6),
+                angle_deg=round(angle, 3),
+                reflected=p_refl > 0.5,
+                reflected_probability=round(p_refl, 5),
+                rotation_level_deg=round(level, 3),
+                reflection_level=round(refl_level, 5),
+                score=round(score, 5),
+                rotation_score=round(s_rot, 5),
+                reflection_score=round(s_ref, 5),
+                p_value=round(p, 6),
                 verdict="ood" if (rot or ref) else "in",
                 reason=reason,
-                group=names[int(a.group[i])],
-                class_name=cls,
-                hard_rule_ood=bool(a.hard_rule_ood[i]),
+                group=names[group],
+                class_name=None if c is None else classes[c],  # type: ignore[index]
+                hard_rule_ood=bool(hard),
                 model=manifest.name,
                 version=manifest.version,
             )
