@@ -25,6 +25,10 @@ from service.scoring import GraphOutputs, ImageScore, score_rows
 log = logging.getLogger("symguard.runtime")
 
 WANTED_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+# cuDNN's default search times every convolution algorithm once per new input shape; the batcher's batches come in
+# every size from 1 to max_batch, so on an H100 a batch took ~70 ms instead of ~1 ms until each size had been seen
+# (BENCHMARKS.md "GPU"). The heuristic picks without timing.
+PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"}}
 EQUIVARIANCE_TOL = 1e-3  # relative error; exact D4 graphs measure ~1e-6 in float32
 PROBE_ANGLE_TOL_DEG = 0.1
 PROBE_LOGIT_TOL = 1e-3
@@ -64,7 +68,9 @@ class ModelRuntime:
         # initialises (drivers, cuDNN) is only known from get_providers(), which is what we report.
         requested = [p for p in WANTED_PROVIDERS if p in ort.get_available_providers()] or ["CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(bundle.graph), sess_options=opts, providers=requested)
+            self.session = ort.InferenceSession(
+                str(bundle.graph), sess_options=opts, providers=[(p, PROVIDER_OPTIONS.get(p, {})) for p in requested]
+            )
         except Exception as e:  # ORT raises its own zoo (InvalidProtobuf, Fail, ...) for a bad graph
             raise BundleError(f"ONNX Runtime cannot load {bundle.graph.name}: {e}") from None
         self.provider = self.session.get_providers()[0]
