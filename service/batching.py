@@ -167,27 +167,30 @@ class Batcher:
 
     async def _run(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
         """Run one batch on the worker already taken for it (plus any idle ones it can split across), then answer."""
-        x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
-        parts = 1
-        if self.queue.empty():  # nothing else to run: idle workers take a share of this batch
-            while parts < min(self.workers, len(x)) and not self._free.locked():
-                await self._free.acquire()  # immediate: the semaphore is not locked
-                parts += 1
+        parts = 1  # workers held: the one taken for this batch, then any idle one it splits across
         self._jobs_running += len(jobs)
+        failed: BaseException | None = None
         try:
+            x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
+            if self.queue.empty():  # nothing else to run: idle workers take a share of this batch
+                while parts < min(self.workers, len(x)) and not self._free.locked():
+                    await self._free.acquire()  # immediate: the semaphore is not locked
+                    parts += 1
             done = await asyncio.gather(
                 *(loop.run_in_executor(self._executor, self._infer, chunk) for chunk in np.array_split(x, parts)),
                 return_exceptions=True,  # every part finishes before its worker is counted idle again
             )
+            failed = next((e for e in done if isinstance(e, BaseException)), None)
+        except Exception as e:
+            failed = e
         finally:
             self._jobs_running -= len(jobs)
             for _ in range(parts):
                 self._free.release()
-        failed = next((e for e in done if isinstance(e, BaseException)), None)
         if failed is not None:  # the batcher must outlive any one bad batch
             log.error(
-                "inference failed for a batch of %d on %s:%s", len(x), self.runtime.name, self.runtime.version,
-                exc_info=failed,
+                "inference failed for a batch of %d request(s) on %s:%s", len(jobs), self.runtime.name,
+                self.runtime.version, exc_info=failed,
             )  # fmt: skip
             err = InferenceFailed(f"inference failed: {type(failed).__name__}: {failed}")
             for j in jobs:
