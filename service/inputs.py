@@ -79,7 +79,7 @@ def _json(body: bytes) -> list[Encoded]:
 # ---- decoding and preprocessing
 
 # A thread hop costs more than decoding a small image (~0.1 ms): single images up to these sizes are decoded on
-# the event loop (single 28x28 PNGs: +14-22% images/s at 64 clients, BENCHMARKS.md); anything larger, or many
+# the event loop (single 28x28 PNGs: +15-17% images/s at 64 clients, BENCHMARKS.md); anything larger, or many
 # images, goes to a worker thread so the loop never blocks for long. The byte bound caps the header parse too.
 INLINE_MAX_BYTES = 64 * 1024
 INLINE_MAX_PIXELS = 128 * 128
