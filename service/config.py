@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -97,16 +97,10 @@ class Settings(BaseSettings):
 
     log_level: str = Field("info", description="debug, info, warning, error")
 
-    @model_validator(mode="after")
-    def _workers_fill_the_cores(self) -> Settings:
-        if self.inference_workers is None:
-            self.inference_workers = max(1, available_cores() // self.intra_op_threads)
-        return self
-
     @property
     def workers(self) -> int:
-        """inference_workers, resolved (never None after validation)."""
-        return self.inference_workers or 1
+        """inference_workers, or (unset) as many as fill the cores at intra_op_threads each."""
+        return self.inference_workers or max(1, available_cores() // self.intra_op_threads)
 
     @field_validator("admin_token", "api_token")
     @classmethod

@@ -92,14 +92,18 @@ async def decode_batch(
     if len(images) == 1 and len(images[0].data) <= INLINE_MAX_BYTES:
         one = images[0]
         opened = open_image(one.data, max_pixels, one.label)
-        if opened.width * opened.height <= INLINE_MAX_PIXELS:
-            return _batch_of([finish_image(opened, one.data, one.label)], spec)
-        return await run_in_threadpool(lambda: _batch_of([finish_image(opened, one.data, one.label)], spec))
-    return await run_in_threadpool(lambda: _batch_of(decode_all(images, max_pixels), spec))
 
+        def finish() -> tuple[list[Image.Image], np.ndarray]:
+            decoded = [finish_image(opened, one.data, one.label)]
+            return decoded, to_batch(decoded, spec)
 
-def _batch_of(decoded: list[Image.Image], spec: InputSpec) -> tuple[list[Image.Image], np.ndarray]:
-    return decoded, to_batch(decoded, spec)
+        return finish() if opened.width * opened.height <= INLINE_MAX_PIXELS else await run_in_threadpool(finish)
+
+    def decode() -> tuple[list[Image.Image], np.ndarray]:
+        decoded = decode_all(images, max_pixels)
+        return decoded, to_batch(decoded, spec)
+
+    return await run_in_threadpool(decode)
 
 
 # blocking: callers on the event loop use decode_batch, which runs these on a worker thread

@@ -47,13 +47,11 @@ def prepare(img: Image.Image, spec: InputSpec) -> Image.Image:
 
 def normalise(img: Image.Image, spec: InputSpec) -> np.ndarray:
     """Pillow image already at the model's size and mode -> float32 [C, S, S]."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return ((arr - spec.mean) / spec.std).astype(np.float32, copy=False)
+    return normalise_many([img], spec)[0]
 
 
 def normalise_many(images: list[Image.Image], spec: InputSpec) -> np.ndarray:
-    """normalise() of each image, stacked: [N, C, S, S] in one vectorised pass, with the same float32 arithmetic."""
+    """Pillow images already at the model's size and mode -> float32 [N, C, S, S], in one vectorised pass."""
     arr = np.stack([np.asarray(img) for img in images]).astype(np.float32) / 255.0
     arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
     return ((arr - spec.mean) / spec.std).astype(np.float32, copy=False)
