@@ -55,6 +55,21 @@ def polar_matrix(size: int, radii: int, angles: int) -> torch.Tensor:
     return torch.from_numpy(p)
 
 
+def polar_grid_sample(x: torch.Tensor, radii: torch.Tensor, angles: int, angle_deg: torch.Tensor,
+                      mirrored: torch.Tensor) -> torch.Tensor:
+    """[N, C, R, A] bilinear samples of x' = R_φ M^m x at polar_matrix's points: x'(p) = x(M^m R_{-φ} p), so the
+    sample at (r, t) is x at radius r, angle t - φ, mirrored left-right (x -> -x) if m."""
+    n, _, size, _ = x.shape
+    c = (size - 1) / 2
+    t = torch.arange(angles) * (2 * math.pi / angles)
+    src = t[None, :] - torch.deg2rad(angle_deg)[:, None]  # [N, A]
+    sign = torch.where(mirrored, -1.0, 1.0)[:, None, None]
+    col = c + sign * radii[None, :, None] * torch.cos(src)[:, None, :]  # [N, R, A]
+    row = c - radii[None, :, None] * torch.sin(src)[:, None, :]
+    grid = torch.stack([(2 * col + 1) / size - 1, (2 * row + 1) / size - 1], dim=-1)  # align_corners=False units
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def reverse_angles(x: torch.Tensor) -> torch.Tensor:
     """a -> -a (mod A) on the last axis: what a vertical flip of the image does to the polar grid."""
     return torch.roll(x.flip(-1), 1, -1)
@@ -140,8 +155,22 @@ class PolarEncoder(nn.Module):
         v = x.reshape(-1, self.in_channels, self.size * self.size)[:, :, self.taps]  # [N, C, R*A, 4]
         return (v * self.tap_weights).sum(-1).reshape(-1, self.in_channels, self.radii, self.angles)
 
+    def sample_polar_posed(self, x: torch.Tensor, angle_deg: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+        """The polar samples of R_φ M^m x (training only), read straight off x's pixels at the turned grid points
+        instead of off a resampled image: one interpolation, as for an upright input. A turn by a multiple of
+        360°/A is then exactly a shift of the angle axis, so the network cannot tell a draw from its upright
+        source by resampling artifacts (it learned to, from resampled draws: models/RESULTS.md)."""
+        return polar_grid_sample(x, self.radius_values(), self.angles, angle_deg, mirrored)
+
+    def radius_values(self) -> torch.Tensor:
+        return torch.from_numpy(np.linspace(0.75, (self.size - 1) / 2 - 1.0, self.radii)).float()
+
     def forward(self, x: torch.Tensor):
-        f = self.features(self.sample_polar(x)).mean(2, keepdim=True)  # pool the radii: [N, C*2, 1, A]
+        return self.forward_polar(self.sample_polar(x))
+
+    def forward_polar(self, p: torch.Tensor):
+        """The network on polar samples [N, C, R, A] (sample_polar's output)."""
+        f = self.features(p).mean(2, keepdim=True)  # pool the radii: [N, C*2, 1, A]
         # invariant: pool each field over the ring and both halves (a shift or reversal only permutes those)
         g = f.reshape(-1, self.fields, MIRROR * self.angles)
         # unit length: the InfoNCE term compares directions, and the pseudo-labels' k-NN then ranks by the same

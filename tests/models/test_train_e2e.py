@@ -40,3 +40,19 @@ def test_train_export_eval(tmp_path):
         assert 0.0 <= report[key] <= 1.0
     assert (tmp_path / "eval" / "levels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "OOD accuracy" in (tmp_path / "eval" / "eval.txt").read_text()
+
+
+def test_train_on_an_unlabelled_folder(tmp_path, digits):
+    """A user's own folder (no spec, no labels) is a dataset too: its images are the draws as they are."""
+    from PIL import Image
+
+    folder = tmp_path / "my-images"
+    folder.mkdir()
+    for i, img in enumerate(digits[0][:60]):
+        Image.fromarray((img[0, :28, :28].numpy() * 255).astype("uint8")).save(folder / f"{i:03d}.png")
+    out = run("train", str(folder), "--steps", "4", "--level-steps", "20", "--out", str(tmp_path / "runs"),
+              "--repo", str(tmp_path / "repo"), cwd=tmp_path)  # fmt: skip
+    m = Manifest.load(tmp_path / "repo" / "my-images" / "1")
+    assert str(tmp_path / "repo" / "my-images" / "1") in out
+    assert m.classes is None and m.calibration.group_by == "cluster"
+    assert m.equivariance_error["rot90"] < 1e-5
