@@ -43,7 +43,7 @@ def polar_matrix(size: int, radii: int, angles: int) -> torch.Tensor:
     y up) about the centre pixel; radii evenly spaced from 0.75 px to half the image less one pixel."""
     c = (size - 1) / 2
     p = np.zeros((radii * angles, size * size), np.float32)
-    for i, r in enumerate(np.linspace(0.75, c - 1.0, radii)):
+    for i, r in enumerate(polar_radii(size, radii)):
         for a in range(angles):
             t = 2 * math.pi * a / angles
             col, row = c + r * math.cos(t), c - r * math.sin(t)
@@ -53,6 +53,11 @@ def polar_matrix(size: int, radii: int, angles: int) -> torch.Tensor:
                     if wr * wc > 1e-12 and 0 <= r0 + dr < size and 0 <= c0 + dc < size:
                         p[i * angles + a, (r0 + dr) * size + c0 + dc] += wr * wc
     return torch.from_numpy(p)
+
+
+def polar_radii(size: int, radii: int) -> np.ndarray:
+    """The grid's radii in pixels: evenly spaced from 0.75 px to half the image less one pixel."""
+    return np.linspace(0.75, (size - 1) / 2 - 1.0, radii)
 
 
 def polar_grid_sample(x: torch.Tensor, radii: torch.Tensor, angles: int, angle_deg: torch.Tensor,
@@ -160,10 +165,8 @@ class PolarEncoder(nn.Module):
         instead of off a resampled image: one interpolation, as for an upright input. A turn by a multiple of
         360°/A is then exactly a shift of the angle axis, so the network cannot tell a draw from its upright
         source by resampling artifacts (it learned to, from resampled draws: models/RESULTS.md)."""
-        return polar_grid_sample(x, self.radius_values(), self.angles, angle_deg, mirrored)
-
-    def radius_values(self) -> torch.Tensor:
-        return torch.from_numpy(np.linspace(0.75, (self.size - 1) / 2 - 1.0, self.radii)).float()
+        radii = torch.from_numpy(polar_radii(self.size, self.radii)).float()
+        return polar_grid_sample(x, radii, self.angles, angle_deg, mirrored)
 
     def forward(self, x: torch.Tensor):
         return self.forward_polar(self.sample_polar(x))

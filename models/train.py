@@ -1,6 +1,7 @@
 """Learn per-input pose ψ(x) and symmetry level Θ(x) from unlabelled images. Reads top to bottom:
 
   1. data        upright sources + a symmetry spec; poses are drawn afresh every step (infinite augmented stream)
+                 and read off the sources at turned polar grid points, never resampled as images
   2. pose posterior  an exactly equivariant polar network learns p(pose | x) by cross-entropy toward the identity
                  on draws of the data (and toward δ on a copy turned by δ): the identity pull of the anchor, made a
                  distribution. Its circular mean is ψ(x); an InfoNCE term on an elastically deformed copy makes
@@ -118,7 +119,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
 
     # ------------------------------------------------------------------ 3. pseudo-labels from neighbours
     pool = repeat(src.train, spec.copies if spec.augment else 1)
-    emb, angle, logit = embed_all(enc, polar_draws(enc, spec, pool, src.classes, gen))
+    emb, angle, logit = embed_all(enc, enc.sample_polar_posed(pool.images, *draw(spec, pool, src.classes, gen)))
     labels, mask = knn_pseudo_labels(emb, angle, logit, k=cfg.knn, family=family)
     print(f"[train] pseudo-labels on {len(emb)} inputs, {int(mask.sum())} kept ({(~mask).sum()} outliers masked)")
 
@@ -144,24 +145,20 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     return ckpt_path
 
 
-def polar_draws(enc: PolarEncoder, spec: DatasetSpec, split: Split, classes: list[str] | None,
-                gen: torch.Generator, turn: torch.Tensor | None = None, deform: float = 0.0) -> torch.Tensor:
-    """Polar samples of one draw of the training distribution over `split` (each source posed by the spec, then
-    turned by `turn` degrees more), sampled at turned grid points rather than off a resampled image
-    (PolarEncoder.sample_polar_posed). deform: elastic deformation of the sources first (pixels)."""
+def draw(spec: DatasetSpec, split: Split, classes: list[str] | None, gen: torch.Generator):
+    """Poses (angle in degrees, mirrored) of one draw of the training distribution over `split`. The network
+    then sees each source at its pose through PolarEncoder.sample_polar_posed, never as a resampled image."""
     if spec.augment:
-        angle, mirrored = draw_poses(spec, split.labels, classes, gen)
-    else:  # a folder used as-is: its images are the draws
-        angle, mirrored = torch.zeros(len(split.images)), torch.zeros(len(split.images), dtype=torch.bool)
-    x = elastic(split.images, deform, gen=gen) if deform else split.images
-    return enc.sample_polar_posed(x, angle if turn is None else angle + turn, mirrored)
+        return draw_poses(spec, split.labels, classes, gen)
+    n = len(split.images)  # a folder used as-is: its images are the draws
+    return torch.zeros(n), torch.zeros(n, dtype=torch.bool)
 
 
 def posterior_loss(enc: PolarEncoder, spec: DatasetSpec, batch: Split, classes: list[str] | None,
                    cfg: TrainConfig, gen: torch.Generator):
     """Cross-entropy of p(pose | ·) toward the identity on draws x of the data, and toward δ on a copy
-    x' = R_δ(elastic(x)), plus InfoNCE between the invariant embeddings of x and x'. Both are drawn in the polar
-    domain (polar_draws), so no draw carries the resampling artifacts of an image turn.
+    x' = R_δ(elastic(x)), plus InfoNCE between the invariant embeddings of x and x'. Both are sampled at turned
+    polar grid points (sample_polar_posed), so no draw carries the resampling artifacts of an image turn.
 
     posterior  the data's own poses are the target: trained on draws, the network learns how the data poses
                inputs like x (a class turned by up to ±θ gets a posterior ±θ wide), so the identity pull of the
@@ -172,10 +169,10 @@ def posterior_loss(enc: PolarEncoder, spec: DatasetSpec, batch: Split, classes: 
     """
     n = len(batch.images)
     delta = (torch.rand(n, generator=gen) * 2 - 1) * torch.pi
-    state = gen.get_state()  # the copy gets the same poses as x: it is x turned by δ
-    p = polar_draws(enc, spec, batch, classes, gen)
-    gen.set_state(state)
-    p2 = polar_draws(enc, spec, batch, classes, gen, turn=torch.rad2deg(delta), deform=cfg.elastic)
+    angle, mirrored = draw(spec, batch, classes, gen)
+    deformed = elastic(batch.images, cfg.elastic, gen=gen) if cfg.elastic else batch.images
+    p = enc.sample_polar_posed(batch.images, angle, mirrored)
+    p2 = enc.sample_polar_posed(deformed, angle + torch.rad2deg(delta), mirrored)  # x turned by δ more
     emb, _, logit, logp = enc.forward_polar(torch.cat([p, p2]))
     target = pose_target(torch.cat([torch.zeros(n), delta]), enc.angles)
     posterior = -(target * logp.flatten(1)).sum(1).mean()
