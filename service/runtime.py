@@ -105,6 +105,11 @@ class ModelRuntime:
             raise BundleError(
                 f"graph input shape {shape} does not match [N, {spec.channels}, {spec.size}, {spec.size}]"
             )
+        if isinstance(shape[0], int):  # dynamic axes come back as a name (or None)
+            raise BundleError(
+                f"graph input {spec.name!r} has a fixed batch size of {shape[0]}; the server batches requests, "
+                "so export the graph with a dynamic batch axis"
+            )
         have = {o.name for o in self.session.get_outputs()}
         missing = [n for n in self._output_names() if n is not None and n not in have]
         if missing:
@@ -115,6 +120,8 @@ class ModelRuntime:
     def infer(self, x: np.ndarray) -> GraphOutputs:
         """x: float32 [N, C, S, S], already normalised. One session.run."""
         o = self.session.run(self.outputs, {self.manifest.input.name: np.ascontiguousarray(x, dtype=np.float32)})
+        if any(len(v) != len(x) for v in o):  # rows are matched to requests by position: never guess
+            raise RuntimeError(f"the graph returned {[len(v) for v in o]} rows for {len(x)} image(s)")
         got = dict(zip(self.outputs, o))
         names = self.manifest.outputs
         rotation_score = got.get(names.rotation_score)  # optional outputs: absent names map to None
@@ -143,7 +150,13 @@ class ModelRuntime:
         x = np.stack(
             [normalise(_probe_image(p.png_base64, spec.size, spec.channels), spec) for p in self.manifest.probes]
         )
-        base = self.infer(x)
+        try:
+            base = self.infer(x)
+            moved = {g: self.infer(apply_d4(x, *g)) for g in D4[1:]}
+        except Exception as e:  # ORT's own exception zoo, or rows that do not match the inputs
+            result = SelfCheck({}, math.nan, math.nan, len(x), [f"the graph fails on the probes: {e}"])
+            self.self_check = result
+            return result
         problems: list[str] = []
 
         angle = np.degrees(np.arctan2(base.pose[:, 1], base.pose[:, 0]))
@@ -162,8 +175,7 @@ class ModelRuntime:
             )
 
         errors = {"rot90": 0.0, "flip": 0.0}
-        for k, mirrored in D4[1:]:
-            out = self.infer(apply_d4(x, k, mirrored))
+        for (k, mirrored), out in moved.items():
             err = equivariance_error(base, out, k, mirrored)
             key = "flip" if mirrored else "rot90"
             errors[key] = max(errors[key], err)

@@ -154,3 +154,31 @@ def non_equivariant_graph(path: Path, size: int = 29, classes: int = 10, seed: i
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+
+
+def fixed_batch_graph(path: Path, batch: int = 1) -> None:
+    """The same graph with its input's batch axis fixed (what an export without a dynamic axis gives)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.Clear()
+    dim.dim_value = batch
+    onnx.save(model, str(path))
+
+
+def batch_bound_graph(path: Path, rows: int) -> None:
+    """The same graph behind a Reshape to a fixed `rows` images: the input still says any batch, but ONNX Runtime
+    fails at run time on every batch of another size (a graph exported with a batch size baked into a Reshape)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    shape = [d.dim_value for d in g.input[0].type.tensor_type.shape.dim[1:]]
+    g.initializer.append(numpy_helper.from_array(np.array([rows, *shape], np.int64), "batch_bound"))
+    for node in g.node:
+        node.input[:] = ["bound_image" if i == g.input[0].name else i for i in node.input]
+    g.node.insert(0, helper.make_node("Reshape", [g.input[0].name, "batch_bound"], ["bound_image"]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
