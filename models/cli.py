@@ -34,7 +34,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         dataset=a.dataset, out=a.out, steps=a.steps, level_steps=a.level_steps, seed=a.seed, threads=a.threads,
-        contrast=a.contrast, elastic=a.elastic,
+        contrast=a.contrast, elastic=a.elastic, lattice=not a.no_lattice,
     )
     ckpt = train(cfg, resume=not a.fresh)
     if a.no_export:
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=C.steps, help="pose-posterior steps (each: a batch and a turned copy)")
     t.add_argument("--contrast", type=float, default=C.contrast, help="weight of the embedding's InfoNCE term")
     t.add_argument("--elastic", type=float, default=C.elastic, help="elastic deformation of the copy, pixels (0: none)")
+    t.add_argument("--no-lattice", action="store_true",
+                   help="keep each draw's pixel lattice turned with its content (the recipe of mnist-multiple-flip/7)")
     t.add_argument("--level-steps", type=int, default=C.level_steps, help="steps for the level and group heads")
     t.add_argument("--out", default=C.out, help="checkpoint folder (resumable)")
     t.add_argument("--repo", default=str(REPOSITORY), help="model repository to export into")

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.networks import Block, FieldNorm, _BankConv
+from models.networks import Block, FieldNorm, _BankConv, rotate
 
 MIRROR = 2  # a mirror-regular field has two channels: (unmirrored, mirrored)
 
@@ -160,13 +160,24 @@ class PolarEncoder(nn.Module):
         v = x.reshape(-1, self.in_channels, self.size * self.size)[:, :, self.taps]  # [N, C, R*A, 4]
         return (v * self.tap_weights).sum(-1).reshape(-1, self.in_channels, self.radii, self.angles)
 
-    def sample_polar_posed(self, x: torch.Tensor, angle_deg: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
-        """The polar samples of R_φ M^m x (training only), read straight off x's pixels at the turned grid points
-        instead of off a resampled image: one interpolation, as for an upright input. A turn by a multiple of
-        360°/A is then exactly a shift of the angle axis, so the network cannot tell a draw from its upright
-        source by resampling artifacts (it learned to, from resampled draws: models/RESULTS.md)."""
+    def sample_polar_posed(self, x: torch.Tensor, angle_deg: torch.Tensor, mirrored: torch.Tensor,
+                           lattice_deg: torch.Tensor | None = None) -> torch.Tensor:
+        """The polar samples of R_φ M^m x (training only), read off x's pixels at the turned grid points instead of
+        off an image resampled by φ, so no draw carries resampling artifacts that a turn by φ alone would leave
+        (the network learned to read those from resampled draws: models/RESULTS.md).
+
+        lattice_deg (β): first mirror x and resample it turned by β on the pixel grid, then read it at grid
+        points turned by φ − β. The content is posed by φ as before, but the pixel lattice now sits at −β + φ,
+        not at φ: without β the lattice always turns with the content, so a network can read the pose off the
+        lattice (interpolation leaves a quarter-turn-periodic pattern fixed to the pixel axes), which served
+        images, always on an upright lattice, then contradict. Every draw is resampled once, so blur is no cue."""
         radii = torch.from_numpy(polar_radii(self.size, self.radii)).float()
-        return polar_grid_sample(x, radii, self.angles, angle_deg, mirrored)
+        if lattice_deg is None:
+            return polar_grid_sample(x, radii, self.angles, angle_deg, mirrored)
+        x = torch.where(mirrored[:, None, None, None], x.flip(-1), x)
+        beta = torch.deg2rad(lattice_deg)
+        x = rotate(x, torch.cos(beta), torch.sin(beta))
+        return polar_grid_sample(x, radii, self.angles, angle_deg - lattice_deg, torch.zeros_like(mirrored))
 
     def forward(self, x: torch.Tensor):
         return self.forward_polar(self.sample_polar(x))

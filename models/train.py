@@ -1,7 +1,7 @@
 """Learn per-input pose ψ(x) and symmetry level Θ(x) from unlabelled images. Reads top to bottom:
 
   1. data        upright sources + a symmetry spec; poses are drawn afresh every step (infinite augmented stream)
-                 and read off the sources at turned polar grid points, never resampled as images
+                 and read off the sources at turned polar grid points, each on a pixel lattice turned at random
   2. pose posterior  an exactly equivariant polar network learns p(pose | x) by cross-entropy toward the identity
                  on draws of the data (and toward δ on a copy turned by δ): the identity pull of the anchor, made a
                  distribution. Its circular mean is ψ(x); an InfoNCE term on an elastically deformed copy makes
@@ -40,6 +40,7 @@ class TrainConfig:
     contrast: float = 0.5  # weight of the InfoNCE term that shapes the invariant embedding
     temperature: float = 0.2
     elastic: float = 2.0  # elastic deformation of the copy: displacement scale in pixels (0: none)
+    lattice: bool = True  # turn each draw's pixel lattice at random, apart from its content (sample_polar_posed)
     warmup: float = 0.1  # fraction of steps spent warming up the learning rate
     channels: tuple[int, int, int, int] = (16, 32, 32, 48)
     hidden: int = 32  # fields of the head on the angle ring
@@ -119,7 +120,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
 
     # ------------------------------------------------------------------ 3. pseudo-labels from neighbours
     pool = repeat(src.train, spec.copies if spec.augment else 1)
-    emb, angle, logit = embed_all(enc, enc.sample_polar_posed(pool.images, *draw(spec, pool, src.classes, gen)))
+    emb, angle, logit = embed_all(enc, polar_draw(enc, pool.images, *draw(spec, pool, src.classes, gen), cfg, gen))
     labels, mask = knn_pseudo_labels(emb, angle, logit, k=cfg.knn, family=family)
     print(f"[train] pseudo-labels on {len(emb)} inputs, {int(mask.sum())} kept ({(~mask).sum()} outliers masked)")
 
@@ -147,7 +148,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
 
 def draw(spec: DatasetSpec, split: Split, classes: list[str] | None, gen: torch.Generator):
     """Poses (angle in degrees, mirrored) of one draw of the training distribution over `split`. The network
-    then sees each source at its pose through PolarEncoder.sample_polar_posed, never as a resampled image."""
+    then sees each source at its pose through polar_draw."""
     if spec.augment:
         return draw_poses(spec, split.labels, classes, gen)
     n = len(split.images)  # a folder used as-is: its images are the draws
@@ -158,7 +159,7 @@ def posterior_loss(enc: PolarEncoder, spec: DatasetSpec, batch: Split, classes: 
                    cfg: TrainConfig, gen: torch.Generator):
     """Cross-entropy of p(pose | ·) toward the identity on draws x of the data, and toward δ on a copy
     x' = R_δ(elastic(x)), plus InfoNCE between the invariant embeddings of x and x'. Both are sampled at turned
-    polar grid points (sample_polar_posed), so no draw carries the resampling artifacts of an image turn.
+    polar grid points (polar_draw), so neither resampling artifacts nor the pixel lattice tell a draw's pose.
 
     posterior  the data's own poses are the target: trained on draws, the network learns how the data poses
                inputs like x (a class turned by up to ±θ gets a posterior ±θ wide), so the identity pull of the
@@ -171,8 +172,8 @@ def posterior_loss(enc: PolarEncoder, spec: DatasetSpec, batch: Split, classes: 
     delta = (torch.rand(n, generator=gen) * 2 - 1) * torch.pi
     angle, mirrored = draw(spec, batch, classes, gen)
     deformed = elastic(batch.images, cfg.elastic, gen=gen) if cfg.elastic else batch.images
-    p = enc.sample_polar_posed(batch.images, angle, mirrored)
-    p2 = enc.sample_polar_posed(deformed, angle + torch.rad2deg(delta), mirrored)  # x turned by δ more
+    p = polar_draw(enc, batch.images, angle, mirrored, cfg, gen)
+    p2 = polar_draw(enc, deformed, angle + torch.rad2deg(delta), mirrored, cfg, gen)  # x turned by δ more
     emb, _, logit, logp = enc.forward_polar(torch.cat([p, p2]))
     target = pose_target(torch.cat([torch.zeros(n), delta]), enc.angles)
     posterior = -(target * logp.flatten(1)).sum(1).mean()
@@ -183,6 +184,16 @@ def posterior_loss(enc: PolarEncoder, spec: DatasetSpec, batch: Split, classes: 
     loss = posterior + cfg.contrast * contrast
     p = torch.sigmoid(logit[:n])
     return loss, {"posterior": posterior.item(), "contrast": contrast.item(), "p_mirror": p.mean().item()}
+
+
+def polar_draw(enc: PolarEncoder, images: torch.Tensor, angle: torch.Tensor, mirrored: torch.Tensor,
+               cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Polar samples of the images at their poses, each on a pixel lattice turned at random (cfg.lattice): a
+    served image's lattice is always upright whatever its content's turn, so in training the lattice must not
+    turn with the content either, or the network reads the pose off the lattice (it did, on C2/C4 data, where
+    every draw is a quarter turn: models/RESULTS.md)."""
+    beta = (torch.rand(len(images), generator=gen) * 2 - 1) * 180.0 if cfg.lattice else None
+    return enc.sample_polar_posed(images, angle, mirrored, beta)
 
 
 @torch.no_grad()

@@ -135,3 +135,25 @@ def test_posed_polar_samples_are_the_turned_images_samples_read_off_the_source(d
         ref = enc.sample_polar(apply_pose(x, torch.full((n,), deg), up | mirrored))
         rel = ((posed(deg, mirrored) - ref).norm() / ref.norm()).item()
         assert rel < (0.02 if deg == 0.0 else 0.15), (deg, mirrored, rel)
+
+
+def test_lattice_turn_poses_the_content_as_before_but_not_the_pixel_grid(digits):
+    """sample_polar_posed with lattice_deg β resamples the (mirrored) source turned by β and reads it at grid
+    points turned by φ − β: the content is posed by φ just as without β (up to one resampling's blur), while the
+    pixel lattice sits at φ − β. With β = 0 it equals the plain posed samples bar the pixel-grid round trip."""
+    enc = PolarEncoder(radii=8, angles=32)
+    x = digits[0][:16]
+    n = len(x)
+    gen = torch.Generator().manual_seed(0)
+    for deg, mirrored in ((0.0, False), (30.0, False), (-70.0, True), (135.0, True)):
+        phi, m = torch.full((n,), deg), torch.full((n,), mirrored)
+        plain = enc.sample_polar_posed(x, phi, m)
+        assert torch.allclose(enc.sample_polar_posed(x, phi, m, torch.zeros(n)), plain, atol=1e-5)
+        beta = (torch.rand(n, generator=gen) * 2 - 1) * 180
+        jittered = enc.sample_polar_posed(x, phi, m, beta)
+        rel = ((jittered - plain).norm() / plain.norm()).item()
+        assert rel < 0.15, (deg, mirrored, rel)
+        # the content is posed by φ, not by φ − β or φ + β (what a wrong sign in the round trip would give)
+        for off in (beta, -beta):
+            wrong = enc.sample_polar_posed(x, phi + off, m)
+            assert ((jittered - wrong).norm() / plain.norm()).item() > 2 * rel
