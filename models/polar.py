@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.networks import Block, FieldNorm, _BankConv, rotate
+from models.datasets import apply_pose
+from models.networks import Block, FieldNorm, _BankConv
 
 MIRROR = 2  # a mirror-regular field has two channels: (unmirrored, mirrored)
 
@@ -167,16 +168,14 @@ class PolarEncoder(nn.Module):
         (the network learned to read those from resampled draws: models/RESULTS.md).
 
         lattice_deg (β): first mirror x and resample it turned by β on the pixel grid, then read it at grid
-        points turned by φ − β. The content is posed by φ as before, but the pixel lattice now sits at −β + φ,
+        points turned by φ − β. The content is posed by φ as before, but the pixel lattice now sits at φ − β,
         not at φ: without β the lattice always turns with the content, so a network can read the pose off the
         lattice (interpolation leaves a quarter-turn-periodic pattern fixed to the pixel axes), which served
         images, always on an upright lattice, then contradict. Every draw is resampled once, so blur is no cue."""
         radii = torch.from_numpy(polar_radii(self.size, self.radii)).float()
         if lattice_deg is None:
             return polar_grid_sample(x, radii, self.angles, angle_deg, mirrored)
-        x = torch.where(mirrored[:, None, None, None], x.flip(-1), x)
-        beta = torch.deg2rad(lattice_deg)
-        x = rotate(x, torch.cos(beta), torch.sin(beta))
+        x = apply_pose(x, lattice_deg, mirrored)  # R_β M^m x on the pixel grid
         return polar_grid_sample(x, radii, self.angles, angle_deg - lattice_deg, torch.zeros_like(mirrored))
 
     def forward(self, x: torch.Tensor):
