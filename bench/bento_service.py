@@ -4,7 +4,7 @@ Runs only in the benchmark's own virtual environment (BentoML is not a symguard 
 
     python3 -m venv bench/.venv-bentoml
     bench/.venv-bentoml/bin/pip install bentoml onnxruntime==1.32.0 pillow numpy orjson pydantic pydantic-settings psutil
-    cd /path/to/repo && SYMGUARD_BENCH_BUNDLE=models/repository/mnist-multiple-flip/7 \
+    cd /path/to/repo && SYMGUARD_BENCH_BUNDLE=models/repository/mnist-multiple-flip/8 \
         bench/.venv-bentoml/bin/bentoml serve bench.bento_service:Front --host 127.0.0.1 --port 8102
 
 Layout, as BentoML's model-composition guide has it:
@@ -46,7 +46,7 @@ from service.inputs import Encoded, prepare_batch  # noqa: E402
 from service.manifest import Manifest  # noqa: E402
 from service.scoring import GraphOutputs, score_rows  # noqa: E402
 
-BUNDLE = Path(os.environ.get("SYMGUARD_BENCH_BUNDLE", ROOT / "models/repository/mnist-multiple-flip/7"))
+BUNDLE = Path(os.environ.get("SYMGUARD_BENCH_BUNDLE", ROOT / "models/repository/mnist-multiple-flip/8"))
 THREADS = int(os.environ.get("SYMGUARD_BENCH_THREADS", "2"))  # ONNX Runtime intra-op threads per model worker
 MODEL_WORKERS = int(os.environ.get("SYMGUARD_BENCH_BENTO_MODEL_WORKERS", "1"))  # processes of `Model`
 MAX_BATCH = int(os.environ.get("SYMGUARD_BENCH_BENTO_MAX_BATCH", "64"))

@@ -56,8 +56,8 @@ sys.path.insert(0, str(ROOT))
 from bench.flops import count_graph  # noqa: E402
 from bench.workload import BOUNDARY, NotReady, digits_png, free_port, multipart, wait_ready  # noqa: E402
 
-BUNDLE_REF = "mnist-multiple-flip:7"
-BUNDLE_DIR = ROOT / "models/repository/mnist-multiple-flip/7"
+BUNDLE_REF = "mnist-multiple-flip:8"
+BUNDLE_DIR = ROOT / "models/repository/mnist-multiple-flip/8"
 BENTO_VENV = ROOT / "bench/.venv-bentoml"
 PY = sys.executable
 

@@ -4,7 +4,7 @@ shapes found by ONNX shape inference with the batch dimension fixed to 1. FLOPs 
 Element-wise ops, pooling, normalisation and softmax are left out: on this graph they are a small fraction of the
 convolutions' work (they are counted by no standard tool the same way either).
 
-    python bench/flops.py models/repository/mnist-multiple-flip/7/model.onnx
+    python bench/flops.py models/repository/mnist-multiple-flip/8/model.onnx
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def count_graph(path: Path) -> FlopCount:
 
 
 def main() -> int:
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "models/repository/mnist-multiple-flip/7/model.onnx")
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "models/repository/mnist-multiple-flip/8/model.onnx")
     c = count_graph(path)
     for op, name, macs in c.nodes:
         print(f"{op:<14} {macs:>12,d} MACs  {name}")

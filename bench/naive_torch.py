@@ -36,7 +36,7 @@ from models.networks import Bundle, Encoder, LevelHead  # noqa: E402
 from models.polar import PolarEncoder  # noqa: E402
 from service.manifest import Manifest  # noqa: E402
 
-DEFAULT_BUNDLE = ROOT / "models/repository/mnist-multiple-flip/7"
+DEFAULT_BUNDLE = ROOT / "models/repository/mnist-multiple-flip/8"
 
 
 def torch_from_onnx(graph_path: Path) -> Bundle:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GRAPH = ROOT / "models/repository/mnist-multiple-flip/7/model.onnx"
+GRAPH = ROOT / "models/repository/mnist-multiple-flip/8/model.onnx"
 LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

@@ -154,11 +154,11 @@ def equivariance_errors(sess: ort.InferenceSession, names: OutputNames, x: np.nd
 
 
 def distinct(x: np.ndarray) -> np.ndarray:
-    """The distinct images of a batch, in their first order. The calibration draws of a digit from a class that is
-    never turned nor mirrored are one image 8 times; counted 8 times, ~50 scores would pass for the 200 that a
-    per-class threshold at α/2 needs, and the threshold would not hold (models/RESULTS.md, mnist/4)."""
+    """Indices of the distinct images of a batch, in their first order. The calibration draws of a digit from a
+    class that is never turned nor mirrored are one image 8 times; counted 8 times, ~50 scores would pass for the
+    200 that a per-class threshold at α/2 needs, and the threshold would not hold (models/RESULTS.md, mnist/4)."""
     _, first = np.unique(x.reshape(len(x), -1), axis=0, return_index=True)
-    return x[np.sort(first)]
+    return np.sort(first)
 
 
 def calibrate(
@@ -167,7 +167,9 @@ def calibrate(
 ):
     gen = torch.Generator().manual_seed(seed + 101)
     pool = repeat(src.calib, CALIBRATION_DRAWS if spec.augment else 1)
-    x = distinct(sample(spec, pool, src.classes, gen)[0].numpy())
+    drawn = sample(spec, pool, src.classes, gen)[0].numpy()
+    keep = distinct(drawn)
+    x, sources = drawn[keep], keep % len(src.calib.images)  # `repeat` tiles the split: draw i is of digit i mod n
     out = run_graph(sess, names, x)
     _, _, s_rot, s_ref = nonconformity(out, min_level, family)
     if classes and names.class_logits:
@@ -178,7 +180,7 @@ def calibrate(
         group_by, group_names = "global", ["all"]
     stub = Calibration(alpha=alpha, group_by=group_by, min_level_deg=min_level, groups=[], centroids=centroids)
     gidx = assign_groups(out, stub, classes)
-    groups = calibrate_groups(group_names, gidx, s_rot, s_ref, alpha)
+    groups = calibrate_groups(group_names, gidx, s_rot, s_ref, alpha, sources=sources)
     return stub.model_copy(update={"groups": groups})
 
 

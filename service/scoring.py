@@ -142,21 +142,33 @@ def assign_groups(out: GraphOutputs, cal: Calibration, classes: list[str] | None
 
 
 def calibrate_groups(
-    names: list[str], group_idx: np.ndarray, s_rot: np.ndarray, s_ref: np.ndarray, alpha: float, max_keep: int = 2000
+    names: list[str],
+    group_idx: np.ndarray,
+    s_rot: np.ndarray,
+    s_ref: np.ndarray,
+    alpha: float,
+    max_keep: int = 2000,
+    sources: np.ndarray | None = None,
 ) -> list[GroupCalibration]:
     """Conformal thresholds at α/2 per score type, so the two together keep the false-alarm rate at or under α.
 
-    A group with enough scores to certify α/2 on its own (ceil(2/α), 200 at α = 1%) gets its own threshold
-    (Mondrian: the rate then holds within the group); a smaller group borrows every group's scores. The scores
-    must be of distinct inputs: duplicates would make too few pass for enough (export de-duplicates its draws).
+    A group with enough independent scores to certify α/2 on its own (ceil(2/α), 200 at α = 1%) gets its own
+    threshold (Mondrian: the rate then holds within the group); a smaller group borrows every group's scores.
+    Independent means distinct source images: `sources` names each score's source, and several poses drawn from
+    one digit count once, because their scores move together and ~50 digits drawn 8 times certify no better than
+    ~50 (a class threshold from them missed α by up to 3 points per class; models/RESULTS.md). Without `sources`
+    every score is its own source, so duplicates must already be gone (export de-duplicates its draws).
     (Tried: small groups sharing one threshold on scores divided by each group's 90th percentile. Where most
     scores are exactly 0 that scale is unstable, and detection fell on both bundles tried; models/RESULTS.md.)
     """
+    if sources is None:
+        sources = np.arange(len(s_rot))
     half = alpha / 2.0
     groups = []
     for gi, name in enumerate(names):
         sel = group_idx == gi
-        rot, ref = (s_rot[sel], s_ref[sel]) if sel.sum() >= math.ceil(1.0 / half) else (s_rot, s_ref)
+        own = len(np.unique(sources[sel])) >= math.ceil(1.0 / half)
+        rot, ref = (s_rot[sel], s_ref[sel]) if own else (s_rot, s_ref)
         keep = lambda a: np.sort(a)[np.linspace(0, len(a) - 1, min(len(a), max_keep)).round().astype(int)]  # noqa: E731
         groups.append(
             GroupCalibration(

@@ -46,3 +46,21 @@ def test_small_groups_together_keep_the_rate():
         fresh_idx, fresh = _draw(rng, [2000] * 4, scales, zeros)
         rates.append((fresh > thr[fresh_idx]).mean())
     assert ALPHA / 2 - 0.003 <= np.mean(rates) <= ALPHA / 2 + 0.001, np.mean(rates)
+
+
+def test_poses_drawn_from_one_image_count_once_toward_a_group_threshold():
+    """60 digits drawn 8 times each are 480 scores but 60 sources: too few for a class threshold at α/2 (200), so
+    the class borrows every group's scores; counted per draw it would have had its own."""
+    rng = np.random.default_rng(2)
+    per_digit = rng.exponential(1.0, 60)
+    small = np.repeat(per_digit, 8) * rng.uniform(0.9, 1.1, 480)  # a digit's draws score alike
+    big = rng.exponential(3.0, 1000)
+    s = np.concatenate([small, big])
+    idx = np.concatenate([np.zeros(480, int), np.ones(1000, int)])
+    sources = np.concatenate([np.repeat(np.arange(60), 8), 60 + np.arange(1000)])
+    per_draw, _ = calibrate_groups(["digits", "big"], idx, s, np.zeros_like(s), ALPHA)
+    per_source, big_cal = calibrate_groups(["digits", "big"], idx, s, np.zeros_like(s), ALPHA, sources=sources)
+    assert per_draw.rotation_threshold == conformal_threshold(small, ALPHA / 2)
+    assert per_source.rotation_threshold == conformal_threshold(s, ALPHA / 2) > per_draw.rotation_threshold
+    assert len(per_source.rotation_scores) == len(s)
+    assert big_cal.rotation_threshold == conformal_threshold(big, ALPHA / 2)
