@@ -1,5 +1,7 @@
 """Calibration (service/scoring.py calibrate_groups): the false-alarm rate it promises, measured on fresh draws.
 
+Two scores (rotation, reflection) flag an input; the thresholds are set together so that the union flags α.
+
 Conformal guarantees hold on average over calibration sets, so the rate check averages over many of them.
 """
 
@@ -10,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from service.scoring import calibrate_groups, conformal_threshold
+from service.scoring import calibrate_groups, conformal_threshold, p_values
 
 ALPHA = 0.01
 REPEATS = 300
@@ -28,15 +30,16 @@ def test_a_group_with_enough_scores_gets_its_own_threshold_and_a_small_one_borro
     idx, s = _draw(rng, [1000, 50], [1.0, 5.0], [0.0, 0.0])
     big, small = calibrate_groups(["big", "small"], idx, s, np.zeros_like(s), ALPHA)
     mine = np.sort(s[idx == 0])
-    assert big.rotation_threshold == mine[math.ceil(1001 * (1 - ALPHA / 2)) - 1]
+    # no reflection score ever passes 0, so the rotation score gets all of α
+    assert big.rotation_threshold == mine[math.ceil(1001 * (1 - ALPHA)) - 1] == conformal_threshold(mine, ALPHA)
     assert big.rotation_scores == pytest.approx(mine, abs=1e-5)
     assert len(small.rotation_scores) == 1050  # 50 are too few to certify α/2 = 0.5% (200 needed)
-    assert small.rotation_threshold == conformal_threshold(s, ALPHA / 2)
+    assert small.rotation_threshold == conformal_threshold(s, ALPHA)
 
 
 def test_small_groups_together_keep_the_rate():
     """Four groups of 50 at scales 100x apart, two of them mostly exact zeros: over the four, fresh in-distribution
-    scores exceed their group's threshold at most α/2 of the time (the rate the rotation score is given)."""
+    scores exceed their group's threshold at most α of the time, and not much less."""
     sizes, scales, zeros = [50, 50, 50, 50], [0.1, 1.0, 1.0, 10.0], [0.0, 0.95, 0.5, 0.0]
     rng = np.random.default_rng(0)
     rates = []
@@ -45,7 +48,7 @@ def test_small_groups_together_keep_the_rate():
         thr = np.array([g.rotation_threshold for g in calibrate_groups(list("abcd"), idx, s, np.zeros_like(s), ALPHA)])
         fresh_idx, fresh = _draw(rng, [2000] * 4, scales, zeros)
         rates.append((fresh > thr[fresh_idx]).mean())
-    assert ALPHA / 2 - 0.003 <= np.mean(rates) <= ALPHA / 2 + 0.001, np.mean(rates)
+    assert ALPHA - 0.003 <= np.mean(rates) <= ALPHA + 0.001, np.mean(rates)
 
 
 def test_poses_drawn_from_one_image_count_once_toward_a_group_threshold():
@@ -60,7 +63,37 @@ def test_poses_drawn_from_one_image_count_once_toward_a_group_threshold():
     sources = np.concatenate([np.repeat(np.arange(60), 8), 60 + np.arange(1000)])
     per_draw, _ = calibrate_groups(["digits", "big"], idx, s, np.zeros_like(s), ALPHA)
     per_source, big_cal = calibrate_groups(["digits", "big"], idx, s, np.zeros_like(s), ALPHA, sources=sources)
-    assert per_draw.rotation_threshold == conformal_threshold(small, ALPHA / 2)
-    assert per_source.rotation_threshold == conformal_threshold(s, ALPHA / 2) > per_draw.rotation_threshold
+    assert per_draw.rotation_threshold == conformal_threshold(small, ALPHA)
+    assert per_source.rotation_threshold == conformal_threshold(s, ALPHA) > per_draw.rotation_threshold
     assert len(per_source.rotation_scores) == len(s)
-    assert big_cal.rotation_threshold == conformal_threshold(big, ALPHA / 2)
+    assert big_cal.rotation_threshold == conformal_threshold(big, ALPHA)
+
+
+@pytest.mark.parametrize("coupling", ["same inputs", "independent"])
+def test_the_two_scores_together_flag_alpha_and_the_p_value_says_so(coupling: str):
+    """Where both scores flag the same inputs, thresholds at α/2 each (Bonferroni) would flag only α/2 of them;
+    set together they flag α, whether the scores move together or not. The reported p-value is at most α exactly
+    for the inputs flagged."""
+    rng = np.random.default_rng(3)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        rot = rng.exponential(1.0, n)
+        ref = rot / (1.0 + rot) if coupling == "same inputs" else rng.uniform(0.0, 1.0, n)
+        return rot, ref
+
+    rates, bonferroni, agree = [], [], []
+    for _ in range(REPEATS):
+        rot, ref = draw(1000)
+        (g,) = calibrate_groups(["all"], np.zeros(1000, int), rot, ref, ALPHA)
+        t_half = conformal_threshold(rot, ALPHA / 2), conformal_threshold(ref, ALPHA / 2)
+        f_rot, f_ref = draw(2000)
+        flagged = (f_rot > g.rotation_threshold) | (f_ref > g.reflection_threshold)
+        rates.append(flagged.mean())
+        bonferroni.append(((f_rot > t_half[0]) | (f_ref > t_half[1])).mean())
+        p = np.minimum(1.0, g.union_factor * np.minimum(
+            p_values(np.sort(rot), f_rot), p_values(np.sort(ref), f_ref)))  # fmt: skip
+        agree.append(((p <= ALPHA) == flagged).mean())
+    assert ALPHA - 0.002 <= np.mean(rates) <= ALPHA + 0.001, np.mean(rates)
+    if coupling == "same inputs":
+        assert np.mean(bonferroni) < 0.6 * ALPHA, np.mean(bonferroni)
+    assert np.mean(agree) > 0.999, np.mean(agree)
