@@ -42,6 +42,10 @@ class EvalReport(BaseModel):
     alpha: float
     ood_accuracy: float  # calibrated verdict, anchor protocol
     ood_accuracy_hard_rule: float  # |ψ| > Θ(x), the anchor's rule
+    false_alarm_rate_hard_rule: float  # the rule has no α: how often |ψ| > Θ(x) on in-distribution draws
+    # the calibrated score's accuracy with its threshold moved to the rule's false-alarm rate: score vs rule, like
+    # for like (the calibrated verdict trades accuracy for its α)
+    ood_accuracy_score_at_rule_far: float
     ood_auroc: float
     # diagnostics: which half limits the rule. The same rule with the class's true level in place of Θ(x), and
     # with the true rotation in place of ψ(x); and the AUROC of the rotation score alone (no reflection half)
@@ -64,7 +68,9 @@ class EvalReport(BaseModel):
         lines = [
             f"bundle {self.bundle}  dataset {self.dataset}  alpha {self.alpha}",
             f"  OOD accuracy (calibrated)   {100 * self.ood_accuracy:6.2f}%",
-            f"  OOD accuracy (|ψ| > Θ rule) {100 * self.ood_accuracy_hard_rule:6.2f}%",
+            f"  OOD accuracy (|ψ| > Θ rule) {100 * self.ood_accuracy_hard_rule:6.2f}%   "
+            f"its false-alarm rate {100 * self.false_alarm_rate_hard_rule:.2f}%; "
+            f"score at that rate {100 * self.ood_accuracy_score_at_rule_far:.2f}%",
             f"  OOD AUROC                   {self.ood_auroc:8.4f}   "
             f"rotation score alone {self.ood_auroc_rotation_score:.4f}",
             f"  rule with true Θ / true ψ   {100 * self.ood_accuracy_rule_true_level:6.2f}% / "
@@ -141,9 +147,13 @@ def evaluate_bundle(manifest: Manifest, sess, src: Source, spec: DatasetSpec, se
             ood_accuracy=float(np.mean(pred[s_rot] == truth[s_rot])), ood_accuracy_hard_rule=float(np.mean(hard[s_rot] == truth[s_rot])),
         ))  # fmt: skip
     class_means = [abs(r.mean_pred_width_deg - r.true_width_deg) for r in rows]
+    excess_in, limit_in = rotation_excess(a_in.angle_deg, a_in.rotation_level, family)
+    rule_far = float(np.mean(excess_in > limit_in))  # the rotation rule, as in the OOD protocol
+    at_rule_far = np.quantile(a_in.score, 1.0 - rule_far) if rule_far > 0 else np.inf
     report = EvalReport(
         bundle=f"{manifest.name}/{manifest.version}", dataset=spec.name, alpha=manifest.calibration.alpha,
         ood_accuracy=float(np.mean(pred == truth)), ood_accuracy_hard_rule=float(np.mean(hard == truth)),
+        false_alarm_rate_hard_rule=rule_far, ood_accuracy_score_at_rule_far=float(np.mean((a_rot.score > at_rule_far) == truth)),
         ood_auroc=_auroc(truth, a_rot.score), level_mae_deg=float(level_err.mean()),
         ood_accuracy_rule_true_level=float(np.mean((excess_tl > limit_tl) == truth)),
         ood_accuracy_rule_true_pose=float(np.mean((excess_tp > limit_tp) == truth)),

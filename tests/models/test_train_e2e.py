@@ -36,7 +36,8 @@ def test_train_export_eval(tmp_path):
         assert 0.0 <= report[key] <= 180.0
     assert 0.0 <= report["ood_accuracy"] <= 1.0 and 0.0 <= report["false_alarm_rate"] <= 1.0
     assert len(report["per_class"]) == 10
-    for key in ("ood_accuracy_rule_true_level", "ood_accuracy_rule_true_pose", "ood_auroc_rotation_score"):
+    for key in ("ood_accuracy_rule_true_level", "ood_accuracy_rule_true_pose", "ood_auroc_rotation_score",
+                "false_alarm_rate_hard_rule", "ood_accuracy_score_at_rule_far"):  # fmt: skip
         assert 0.0 <= report[key] <= 1.0
     assert (tmp_path / "eval" / "levels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "OOD accuracy" in (tmp_path / "eval" / "eval.txt").read_text()
