@@ -97,12 +97,15 @@ def union_thresholds(rot: np.ndarray, ref: np.ndarray, alpha: float) -> tuple[fl
     """
     n = len(rot)
     r, f = np.sort(rot), np.sort(ref)
-    best = -1
-    for j in range(n):
-        flagged = int(((rot > r[n - 1 - j]) | (ref > f[n - 1 - j])).sum())
-        if flagged + 1 > alpha * (n + 1):
-            break
-        best = j
+
+    def fits(j: int) -> bool:  # U(j) only grows with j, so bisect for the last j that fits
+        return int(((rot > r[n - 1 - j]) | (ref > f[n - 1 - j])).sum()) + 1 <= alpha * (n + 1)
+
+    lo, hi = 0, n  # invariant: every j < lo fits, no j >= hi does
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if fits(mid) else (lo, mid)
+    best = lo - 1
     if best < 0:  # too few scores to certify α even for the single most extreme one
         return math.inf, math.inf, 2.0
     factor = min(2.0, max(1.0, alpha * (n + 1) / (best + 1)))
