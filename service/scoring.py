@@ -92,8 +92,8 @@ def union_thresholds(rot: np.ndarray, ref: np.ndarray, alpha: float) -> tuple[fl
     Each threshold is the (n-j)-th smallest of its scores, the same j for both, and j is the largest for which the
     calibration inputs flagged by either score, U(j), keep (U(j) + 1) / (n + 1) <= α: the conformal bound of a
     single score, applied to the union. Bonferroni (each at α/2) guarantees the same bound but spends it twice
-    where the two scores flag the same inputs, so its rate fell anywhere between α/2 and α (measured: 0.37-0.90%
-    at α = 1%; models/RESULTS.md). The union factor α(n+1)/(j+1) turns the two scores' p-values into the union's.
+    where the two scores flag the same inputs, down to α/2 where they flag the very same ones
+    (tests/service/test_calibration.py). The union factor α(n+1)/(j+1) turns the two p-values into the union's.
     """
     n = len(rot)
     r, f = np.sort(rot), np.sort(ref)
@@ -183,7 +183,8 @@ def calibrate_groups(
     threshold (Mondrian: the rate then holds within the group); a smaller group borrows every group's scores.
     Independent means distinct source images: `sources` names each score's source, and several poses drawn from
     one digit count once, because their scores move together and ~50 digits drawn 8 times certify no better than
-    ~50 (a class threshold from them missed α by up to 3 points per class; models/RESULTS.md). Without `sources`
+    ~50 (class thresholds from ~400 such draws each let 1.42-2.52% through on four of six specs; models/RESULTS.md,
+    "False alarms, v7's calibration against v8's"). Without `sources`
     every score is its own source, so duplicates must already be gone (export de-duplicates its draws).
     (Tried: small groups sharing one threshold on scores divided by each group's 90th percentile. Where most
     scores are exactly 0 that scale is unstable, and detection fell on both bundles tried; models/RESULTS.md.)
