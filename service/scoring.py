@@ -256,8 +256,8 @@ def score_arrays(out: GraphOutputs, manifest: Manifest) -> ScoreArrays:
         sel = gidx == gi
         if not sel.any():
             continue
-        p_rot[sel] = p_values(np.asarray(g.rotation_scores), s_rot[sel])
-        p_ref[sel] = p_values(np.asarray(g.reflection_scores), s_ref[sel])
+        p_rot[sel] = p_values(g.rotation_array, s_rot[sel])
+        p_ref[sel] = p_values(g.reflection_array, s_ref[sel])
         t_rot[sel], t_ref[sel], union[sel] = g.rotation_threshold, g.reflection_threshold, g.union_factor
     ratio_rot = s_rot / np.maximum(t_rot, 1e-9)
     ratio_ref = s_ref / np.maximum(t_ref, 1e-9) if manifest.group.reflections else np.zeros(n)
