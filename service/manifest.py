@@ -119,8 +119,9 @@ class GroupCalibration(_Strict):
     # mnist-multiple-flip/8 the thresholds are set jointly so the union of the two flags is at α, and it is 1-2.
     union_factor: float = Field(2.0, ge=1.0, le=2.0)
 
-    # The score lists as arrays, built once: every scored batch searches them, and converting ~2,000 floats per group
-    # per batch cost 0.1 ms of a 32-image batch's 0.4 ms of scoring (runs/scratch/score_rows_bench.py). The model is frozen, so they never go stale.
+    # The score lists as arrays, built once: every scored batch searches them, and converting ~2,000 floats per
+    # group per batch cost 0.1 ms of a 32-image batch's 0.4 ms of scoring (runs/scratch/score_rows_bench.py).
+    # The model is frozen, so they never go stale.
     @cached_property
     def rotation_array(self) -> np.ndarray:
         return np.asarray(self.rotation_scores, dtype=np.float64)
