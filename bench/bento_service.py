@@ -3,7 +3,8 @@
 Runs only in the benchmark's own virtual environment (BentoML is not a symguard dependency):
 
     python3 -m venv bench/.venv-bentoml
-    bench/.venv-bentoml/bin/pip install bentoml onnxruntime==1.32.0 fastapi pillow numpy orjson pydantic pydantic-settings psutil
+    bench/.venv-bentoml/bin/pip install bentoml onnxruntime==1.32.0 fastapi pillow numpy orjson pydantic \
+        pydantic-settings psutil
     cd /path/to/repo && SYMGUARD_BENCH_BUNDLE=models/repository/mnist-multiple-flip/8 \
         bench/.venv-bentoml/bin/bentoml serve bench.bento_service:Front --host 127.0.0.1 --port 8102
 

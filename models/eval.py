@@ -153,7 +153,8 @@ def evaluate_bundle(manifest: Manifest, sess, src: Source, spec: DatasetSpec, se
     report = EvalReport(
         bundle=f"{manifest.name}/{manifest.version}", dataset=spec.name, alpha=manifest.calibration.alpha,
         ood_accuracy=float(np.mean(pred == truth)), ood_accuracy_hard_rule=float(np.mean(hard == truth)),
-        false_alarm_rate_hard_rule=rule_far, ood_accuracy_score_at_rule_far=float(np.mean((a_rot.score > at_rule_far) == truth)),
+        false_alarm_rate_hard_rule=rule_far,
+        ood_accuracy_score_at_rule_far=float(np.mean((a_rot.score > at_rule_far) == truth)),
         ood_auroc=_auroc(truth, a_rot.score), level_mae_deg=float(level_err.mean()),
         ood_accuracy_rule_true_level=float(np.mean((excess_tl > limit_tl) == truth)),
         ood_accuracy_rule_true_pose=float(np.mean((excess_tp > limit_tp) == truth)),
