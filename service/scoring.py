@@ -78,13 +78,6 @@ class ImageScore(BaseModel):
 # ---------------------------------------------------------------- calibration (used by models/ at export)
 
 
-def conformal_threshold(scores: np.ndarray, alpha: float) -> float:
-    """The ceil((n+1)(1-α))-th smallest score; +inf when there are too few scores to certify α."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    k = math.ceil((len(s) + 1) * (1.0 - alpha))
-    return float(s[k - 1]) if 1 <= k <= len(s) else math.inf
-
-
 def union_thresholds(rot: np.ndarray, ref: np.ndarray, alpha: float) -> tuple[float, float, float]:
     """Thresholds for the two scores that together flag α of in-distribution inputs -> (rotation threshold,
     reflection threshold, union factor).
@@ -184,8 +177,8 @@ def calibrate_groups(
     Independent means distinct source images: `sources` names each score's source, and several poses drawn from
     one digit count once, because their scores move together and ~50 digits drawn 8 times certify no better than
     ~50 (class thresholds from ~400 such draws each let 1.42-2.52% through on four of six specs; models/RESULTS.md,
-    "False alarms, v7's calibration against v8's"). Without `sources`
-    every score is its own source, so duplicates must already be gone (export de-duplicates its draws).
+    "False alarms, v7's calibration against v8's"). Without `sources` every score is its own source, so duplicates
+    must already be gone (export de-duplicates its draws).
     (Tried: small groups sharing one threshold on scores divided by each group's 90th percentile. Where most
     scores are exactly 0 that scale is unstable, and detection fell on both bundles tried; models/RESULTS.md.)
     """

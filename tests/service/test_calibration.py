@@ -12,10 +12,17 @@ import math
 import numpy as np
 import pytest
 
-from service.scoring import calibrate_groups, conformal_threshold, p_values
+from service.scoring import calibrate_groups, p_values
 
 ALPHA = 0.01
 REPEATS = 300
+
+
+def conformal_threshold(scores: np.ndarray, alpha: float) -> float:
+    """The reference a single score is held to: its ceil((n+1)(1-α))-th smallest; +inf with too few to certify α."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    k = math.ceil((len(s) + 1) * (1.0 - alpha))
+    return float(s[k - 1]) if 1 <= k <= len(s) else math.inf
 
 
 def _draw(rng: np.random.Generator, sizes: list[int], scales: list[float], zeros: list[float]):
