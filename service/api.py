@@ -22,9 +22,11 @@ from service.kserve import router as v2_router
 from service.metrics import Metrics
 from service.middleware import Admission, BodyLimit, InFlight, RequestMetrics
 from service.registry import Registry
+from service.reload_journal import ReloadJournal
 from service.routes_v1 import health_router
 from service.routes_v1 import router as v1_router
 from service.serving import json_response
+from service.workers import worker_dir
 
 
 def create_app(
@@ -41,7 +43,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = Registry(settings, metrics, in_flight)
+        shared = worker_dir()  # set when this is one of several server processes
+        journal = ReloadJournal(shared / "reload") if shared else None
+        registry = Registry(settings, metrics, in_flight, journal)
         app.state.registry = registry
         await registry.start()
         try:

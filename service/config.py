@@ -35,6 +35,15 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="interface to bind; use 0.0.0.0 only behind a trusted network or proxy")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
 
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes sharing the port, each with its own models, event loop and inference workers "
+        "(more Python in parallel, for many small requests; RSS grows per process). Above 1, /metrics adds up all "
+        "processes and a reload reaches every one",
+    )
+
     # ---- models
     repository: Path | None = Field(
         None, description="model repository REPO/NAME/VERSION/ (unset: this project's models/repository)"

@@ -1,12 +1,19 @@
 """Prometheus metrics: prefix symguard_, base units (seconds), labels from bounded sets only.
 
 Each app gets its own CollectorRegistry, so several servers (tests) can live in one process.
+
+With several server processes (`--processes N`, service/workers.py) prometheus_client runs in multiprocess mode:
+every process writes its values to files in PROMETHEUS_MULTIPROC_DIR and /metrics, whichever process answers it,
+reads all of them. Counters and histograms add up; each gauge says how (the multiprocess_mode arguments below).
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.runtime import cuda_fell_back
 from service.scoring import ImageScore
@@ -49,9 +56,14 @@ class Metrics:
         self.batch_size = Histogram(
             "symguard_batch_size", "Images per session.run.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("symguard_queue_depth", "Requests waiting for a batch.", ["model"], registry=r)
+        self.queue_depth = Gauge(
+            "symguard_queue_depth", "Requests waiting for a batch.", ["model"], registry=r, multiprocess_mode="livesum"
+        )
         self.in_progress = Gauge(
-            "symguard_requests_in_progress", "Non-GET requests being read, decoded, queued or scored.", registry=r
+            "symguard_requests_in_progress",
+            "Non-GET requests being read, decoded, queued or scored.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.shed = Counter(
             "symguard_requests_shed",
@@ -70,23 +82,29 @@ class Metrics:
             "Served model version and its real execution provider.",
             ["model", "version", "provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.provider_fallback = Gauge(
             "symguard_provider_fallback",
             "1 when this ONNX Runtime build offers CUDAExecutionProvider but the model runs on something else.",
             ["model"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.equivariance_error = Gauge(
             "symguard_equivariance_error",
             "Startup self-check: worst relative equivariance error on probes.",
             ["model", "transform"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.reload_failures = Counter(
             "symguard_reload_failures", "Loads or reloads that failed and kept the old version.", ["model"], registry=r
         )
-        self.ready = Gauge("symguard_ready", "1 when the server reports ready.", registry=r)
+        self.ready = Gauge(
+            "symguard_ready", "1 when the server (every process of it) reports ready.", registry=r,
+            multiprocess_mode="livemin",
+        )  # fmt: skip
 
     def record_rows(self, rows: list[ImageScore], groups: set[str]) -> None:
         for row in rows:
@@ -99,6 +117,8 @@ class Metrics:
         self, name: str, version: int, provider: str, errors: dict[str, float], previous: tuple[int, str] | None
     ) -> None:
         if previous is not None:
+            # 0 first: in multiprocess mode remove() leaves this process's file value behind, and livemax reads it
+            self.model_info.labels(name, str(previous[0]), previous[1]).set(0)
             try:
                 self.model_info.remove(name, str(previous[0]), previous[1])
             except KeyError:
@@ -110,6 +130,10 @@ class Metrics:
             self.equivariance_error.labels(name, transform).set(err)
 
     def exposition(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every process's values, not just this one's
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            return generate_latest(merged)
         return generate_latest(self.registry)
 
 

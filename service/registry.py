@@ -3,6 +3,9 @@
 A reload verifies, loads and self-checks the new version beside the old one; only then does one assignment swap
 which version new requests see. The old version's batcher finishes what it already queued. A failed reload leaves
 the old version serving, records why, and bumps symguard_reload_failures_total.
+
+With several server processes (`--processes N`) each has its own registry; `reload` publishes to the shared
+ReloadJournal and a follower task in every process applies what its siblings published (reload_journal.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from service.errors import BundleError, CudaUnavailable, ModelNotFound, ModelNot
 from service.manifest import is_safe_name
 from service.metrics import Metrics
 from service.middleware import InFlight
+from service.reload_journal import POLL_S, Ack, ReloadJournal
 from service.repository import DEFAULT_MODEL, ModelRef, Repository, default_repository
 from service.runtime import ModelRuntime
 
@@ -32,9 +36,19 @@ class Served:
     loaded_at: float = field(default_factory=time.time)
 
 
+ACK_TIMEOUT_S = 60.0  # how long a reload waits for sibling processes to load the new version too
+
+
 class Registry:
-    def __init__(self, settings: Settings, metrics: Metrics, in_flight: InFlight | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        in_flight: InFlight | None = None,
+        journal: ReloadJournal | None = None,
+    ) -> None:
         self.settings = settings
+        self.journal = journal
         self.metrics = metrics
         self.in_flight = in_flight
         self.repository = Repository(settings.repository or default_repository())
@@ -47,6 +61,7 @@ class Registry:
             str, str
         ] = {}  # last failed load/reload per model, also when an older version still serves
         self._locks: dict[str, asyncio.Lock] = {}
+        self._follower: asyncio.Task[None] | None = None
 
     # ---- lifecycle
 
@@ -55,9 +70,14 @@ class Registry:
         if not names:
             self.unavailable["*"] = f"no models in repository {self.repository.root}"
             log.warning("no models found in %s; /readyz stays 503 until one is loaded via reload", self.repository.root)
+        published = self.journal.entries() if self.journal else {}
+        if self.journal:
+            self.journal.register()
+            names += sorted(set(published) - set(names))  # a model the siblings loaded by reload
         for name in names:
+            entry = published.get(name)
             try:
-                await self.load(name)
+                await self.load(name, entry.version if entry else None)
             except CudaUnavailable:
                 raise  # require_cuda: refusing to start is the point
             except BundleError as e:
@@ -65,9 +85,17 @@ class Registry:
             except ModelNotFound as e:  # e.g. --model names a version that is not on disk
                 self.unavailable[name] = e.message
                 log.error("model %s not loaded: %s", name, e.message)
+            if entry and self.journal:
+                self.journal.applied[name] = entry.seq  # what the siblings serve, this process now serves (or tried)
         self.metrics.ready.set(1 if self.ready else 0)
+        if self.journal:
+            self._follower = asyncio.create_task(self._follow(self.journal), name="symguard-reload-follower")
 
     async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+        if self.journal:
+            self.journal.unregister()
         served, self.models = list(self.models.values()), {}
         await asyncio.gather(*(s.batcher.close() for s in served))
 
@@ -108,6 +136,35 @@ class Registry:
             await old.batcher.close()
             log.info("model %s: version %s replaced by %s", name, old.runtime.version, rt.version)
         return new
+
+    async def reload(self, name: str, version: int | None = None) -> tuple[Served, list[Ack]]:
+        """load(), then, with sibling processes, have every one of them load the same version; their answers."""
+        served = await self.load(name, version)
+        if self.journal is None:
+            return served, []
+        seq = self.journal.publish(name, served.runtime.version)
+        return served, await self.journal.gather(name, seq, ACK_TIMEOUT_S)
+
+    async def _follow(self, journal: ReloadJournal) -> None:
+        """Apply what sibling processes published, one entry at a time, acknowledging each."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                pending = await asyncio.to_thread(journal.pending)
+            except OSError as e:
+                log.error("cannot read the reload journal in %s: %s", journal.folder, e)
+                continue
+            for name, entry in pending.items():
+                try:
+                    served = await self.load(name, entry.version)
+                    journal.ack(name, entry.seq, served.runtime.version, None)
+                    log.info("model %s: version %s loaded, as a sibling process published", name, entry.version)
+                except (BundleError, ModelNotFound) as e:
+                    current = self.models.get(name)
+                    journal.ack(name, entry.seq, current.runtime.version if current else None, e.message)
+                except Exception as e:  # keep following: one bad entry must not stop later reloads reaching us
+                    log.exception("model %s: applying a sibling's reload failed", name)
+                    journal.ack(name, entry.seq, None, f"{type(e).__name__}: {e}")
 
     def _failed(self, name: str, why: str) -> None:
         self.last_error[name] = why

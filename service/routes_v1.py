@@ -6,6 +6,7 @@ subclasses and turned into responses by api.py's one handler.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -18,7 +19,9 @@ from service.errors import BadRequest
 from service.inputs import decode_batch, read_images
 from service.metrics import CONTENT_TYPE
 from service.registry import Registry
-from service.schemas import ErrorBody, ModelInfo, ModelsResponse, ReadyResponse, ScoreResponse, SelfCheckInfo
+from service.schemas import (
+    ErrorBody, ModelInfo, ModelsResponse, ProcessReload, ReadyResponse, ScoreResponse, SelfCheckInfo,
+)  # fmt: skip
 from service.serving import (
     ERRORS, infer, json_response, model_ref, registry_of, score_one, served_model, upright_png,
 )  # fmt: skip
@@ -111,8 +114,10 @@ async def list_models(request: Request) -> Response:
 )  # fmt: skip
 async def reload(request: Request, name: str, version: Annotated[int | None, Query(ge=1)] = None) -> Response:
     reg = registry_of(request)
-    await reg.load(name, version)
+    _, acks = await reg.reload(name, version)
     info = next(m for m in _model_infos(reg) if m.name == name)
+    if acks:
+        info.processes = [ProcessReload(pid=a.pid, version=a.version, error=a.error) for a in acks]
     return Response(info.model_dump_json().encode(), media_type="application/json")
 
 
@@ -131,6 +136,7 @@ async def readyz(request: Request) -> Response:
     reg = registry_of(request)
     body = ReadyResponse(
         ready=reg.ready,
+        process=os.getpid(),
         models=[
             {"name": n, "version": s.runtime.version, "provider": s.runtime.provider}
             for n, s in sorted(reg.models.items())

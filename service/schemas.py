@@ -38,6 +38,14 @@ class SelfCheckInfo(BaseModel):
     probes: int
 
 
+class ProcessReload(BaseModel):
+    """One server process's answer to a reload (`--processes N`)."""
+
+    pid: int
+    version: int | None = Field(description="the version this process serves after the reload; null: no answer")
+    error: str | None = Field(None, description="why this process kept its old version")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: int | None = None
@@ -52,6 +60,9 @@ class ModelInfo(BaseModel):
     loaded_at: float | None = None
     versions_on_disk: list[int] = []
     last_error: str | None = None
+    processes: list[ProcessReload] | None = Field(
+        None, description="reload answers only, with --processes above 1: what every server process now serves"
+    )
 
 
 class ModelsResponse(BaseModel):
@@ -60,6 +71,7 @@ class ModelsResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     ready: bool
+    process: int = Field(description="pid of the server process that answered (one of several with --processes)")
     models: list[dict[str, Any]]
     problems: dict[str, str] = {}
 

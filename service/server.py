@@ -56,8 +56,7 @@ def serve(settings: Settings, app_factory: Callable[[Any], Any] | None = None) -
         return 2
     from service.api import create_app
 
-    config = uvicorn.Config(
-        (app_factory or create_app)(settings),
+    options: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
@@ -67,7 +66,11 @@ def serve(settings: Settings, app_factory: Callable[[Any], Any] | None = None) -
         lifespan="on",
         server_header=False,
     )
-    server = _Server(config)
+    if settings.processes > 1:
+        from service.workers import serve_processes
+
+        return serve_processes(settings, options, app_factory or create_app)
+    server = _Server(uvicorn.Config((app_factory or create_app)(settings), **options))
     server.run()
     # uvicorn leaves started=False when the lifespan startup failed (e.g. require_cuda refused a model)
     return 0 if server.started else 3
