@@ -12,7 +12,8 @@ bench/.venv-bentoml, B is skipped and said so). A runs in the project's .venv (t
   initializers (parity with ONNX Runtime printed before measuring), one forward per request.
 * B. bench/bento_service.py: BentoML, an HTTP front service + a batchable model service (max_batch_size 64,
   max_latency_ms 60,000), same ONNX graph and ORT settings, same decode/preprocess/scoring code.
-* C. `symguard serve` with its defaults.
+* C. `symguard serve --processes 2` (one server process per thread, as B gets one model worker per thread;
+  --c-processes 1 for a single process), its other settings the defaults.
 * D. ONNX Runtime in this process, symguard's session options, batches of 1/32/64/256 preprocessed tensors,
   measured before and after the HTTP runs (servers idle); the limit is the better of the two per batch size.
   FLOPs per image from bench/flops.py and the implied GFLOP/s.
@@ -148,7 +149,9 @@ def others(active: dict[str, Server], key: str) -> list[Server]:
     return [s for k, s in active.items() if k != key]
 
 
-def servers(threads: int, c_args: list[str] | None = None, b_workers: int = 1) -> dict[str, Server]:
+def servers(
+    threads: int, c_args: list[str] | None = None, b_workers: int = 1, c_processes: int = 1
+) -> dict[str, Server]:
     s = {
         "A": Server(
             "A", "A naive torch (FastAPI, eager, 1 fwd/request)",
@@ -163,9 +166,10 @@ def servers(threads: int, c_args: list[str] | None = None, b_workers: int = 1) -
              "SYMGUARD_BENCH_BENTO_MODEL_WORKERS": str(b_workers), "SYMGUARD_BENCH_BUNDLE": str(BUNDLE_DIR)},
         ),
         "C": Server(
-            "C", "C symguard serve",
+            "C", f"C symguard serve ({c_processes} process{'es' if c_processes > 1 else ''})",
             [PY, "-m", "service.cli", "serve", "--model", BUNDLE_REF, "--port", "{port}", "--log-level", "warning",
-             "--inference-workers", str(threads), "--intra-op-threads", "1", *(c_args or [])],
+             "--processes", str(c_processes), "--inference-workers", str(threads), "--intra-op-threads", "1",
+             *(c_args or [])],
         ),
     }  # fmt: skip
     return s
@@ -394,6 +398,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="compute threads per server (torch / ORT)")
     p.add_argument("--b-workers", type=int, help="BentoML model worker processes, --threads split among them "
                    "(default: one single-threaded worker per thread, C's layout; it beat 1 x 2 threads for B too)")
+    p.add_argument("--c-processes", type=int, help="symguard server processes (default: one per thread, as B's "
+                   "workers; each with --threads inference workers)")
     p.add_argument("--c-arg", action="append", default=[], help="extra `symguard serve` flag for C (repeatable)")
     p.add_argument("--skip-d", action="store_true", help="leave out D (for quick A/B runs of C's settings)")
     p.add_argument("--soak", type=int, default=0, help="after the table: N single-image requests to C, RSS over time")
@@ -411,7 +417,7 @@ def main() -> int:
     print(f"graph: {flops.macs:,} MACs = {flops.flops / 1e6:.1f} MFLOP per image; at batch 256 that is "
           f"{d[256] * flops.flops / 1e9:.1f} GFLOP/s")  # fmt: skip
 
-    wanted = dict(servers(a.threads, a.c_arg, a.b_workers or a.threads))
+    wanted = dict(servers(a.threads, a.c_arg, a.b_workers or a.threads, a.c_processes or a.threads))
     if "A" in a.systems:
         print(naive_parity())
     if "B" in a.systems and not (BENTO_VENV / "bin/bentoml").exists():

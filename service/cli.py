@@ -70,7 +70,6 @@ def cmd_guard(args: list[str]) -> int:
     from pydantic import ValidationError
     from pydantic_settings import CliApp
 
-    from service.guard_app import create_guard_app
     from service.guard_config import GuardSettings
     from service.server import serve
 
@@ -80,7 +79,7 @@ def cmd_guard(args: list[str]) -> int:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
         print(f"symguard guard: {problems} (see symguard guard --help)", file=sys.stderr)
         return 2
-    return serve(settings, create_guard_app)
+    return serve(settings, "service.guard_app:create_guard_app")
 
 
 def cmd_score(args: list[str]) -> int:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import logging
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import onnxruntime as ort
 import uvicorn
 
 from service.config import Settings
@@ -46,15 +46,18 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve(settings: Settings, app_factory: Callable[[Any], Any] | None = None) -> int:
-    """Run create_app(settings), or app_factory(settings) (`symguard guard` passes create_guard_app)."""
+def serve(settings: Settings, factory: str = "service.api:create_app") -> int:
+    """Run the app that `factory` ("module:function", called with the settings) builds; `symguard guard` passes
+    service.guard_app:create_guard_app. Imported here, not by the caller: with --processes N the parent process
+    only supervises, and leaving the app's imports (ONNX Runtime, numpy, Pillow) to the workers saves ~50 MB."""
     configure_logging(settings.log_level)
-    if settings.require_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
-        log.error(
-            "require_cuda is set but this onnxruntime build has no CUDA (available: %s)", ort.get_available_providers()
-        )
-        return 2
-    from service.api import create_app
+    if settings.require_cuda:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            log.error("require_cuda is set but this onnxruntime build has no CUDA (available: %s)",
+                      ort.get_available_providers())  # fmt: skip
+            return 2
 
     options: dict[str, Any] = dict(
         host=settings.host,
@@ -69,8 +72,10 @@ def serve(settings: Settings, app_factory: Callable[[Any], Any] | None = None) -
     if settings.processes > 1:
         from service.workers import serve_processes
 
-        return serve_processes(settings, options, app_factory or create_app)
-    server = _Server(uvicorn.Config((app_factory or create_app)(settings), **options))
+        return serve_processes(settings, options, factory)
+    module, _, name = factory.partition(":")
+    app_factory: Callable[[Settings], Any] = getattr(importlib.import_module(module), name)
+    server = _Server(uvicorn.Config(app_factory(settings), **options))
     server.run()
     # uvicorn leaves started=False when the lifespan startup failed (e.g. require_cuda refused a model)
     return 0 if server.started else 3

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -62,16 +62,21 @@ def _plain(settings: Settings) -> dict[str, Any]:
     return out
 
 
-def serve_processes(settings: Settings, config_kw: dict[str, Any], factory: Callable[[Any], Any]) -> int:
-    """Run `factory(settings)` in settings.processes worker processes behind one socket; returns the exit code."""
+def serve_processes(settings: Settings, config_kw: dict[str, Any], factory: str) -> int:
+    """Run the app `factory` ("module:function") builds from the settings in settings.processes worker processes
+    behind one socket; returns the exit code."""
     shared = Path(tempfile.mkdtemp(prefix="symguard-"))  # mode 0700: the settings file holds the tokens
     try:
         (shared / "metrics").mkdir()
         (shared / "settings.json").write_text(
-            json.dumps({"settings": _plain(settings), "class": _qualname(type(settings)), "factory": _qualname(factory)})
+            json.dumps({"settings": _plain(settings), "class": _qualname(type(settings)), "factory": factory})
         )
         os.environ[WORKER_DIR_ENV] = str(shared)  # spawned workers inherit the environment
         os.environ[MULTIPROC_ENV] = str(shared / "metrics")
+        # glibc gives each thread that allocates its own malloc arena; with a decode pool and inference threads
+        # per process that is RSS nobody uses. Two arenas: 32-image requests at 64 clients peaked at 343 MB for
+        # the whole tree instead of 382 MB, at the same images/s (BENCHMARKS.md). A value set by the user wins.
+        os.environ.setdefault("MALLOC_ARENA_MAX", "2")
         config = uvicorn.Config(
             "service.workers:worker_app", factory=True, workers=settings.processes, **config_kw
         )
