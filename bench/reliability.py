@@ -551,6 +551,7 @@ class Env:
     model: str
     workdir: Path
     pngs: list[bytes]
+    server_args: tuple[str, ...] = ()  # extra flags for every symguard serve / guard started (e.g. --processes 2)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -568,7 +569,7 @@ async def overload(
     """Capacity from a closed loop, then 2x that as open-loop arrivals; the queue, memory, answers and recovery."""
     import httpx
 
-    srv = Proc.symguard("serve", ["--repository", str(env.repository), "--model", env.model,
+    srv = Proc.symguard("serve", [*env.server_args, "--repository", str(env.repository), "--model", env.model,
                                   "--queue-size", str(queue_size), "--log-level", "warning"], env.workdir, "overload").start()  # fmt: skip
     reqs = score_requests(env.pngs)
     try:
@@ -662,7 +663,7 @@ def _statuses(r: dict[str, Any]) -> str:
 
 async def soak(env: Env, requests: int = 200_000, concurrency: int = 16, warmup: int | None = None) -> Outcome:
     """Many single-image requests; RSS and open fds from after warm-up to the end."""
-    srv = Proc.symguard("serve", ["--repository", str(env.repository), "--model", env.model, "--log-level", "warning"],
+    srv = Proc.symguard("serve", [*env.server_args, "--repository", str(env.repository), "--model", env.model, "--log-level", "warning"],
                         env.workdir, "soak").start()  # fmt: skip
     warmup = warmup if warmup is not None else max(1000, requests // 20)
     samples: list[Sample] = []
@@ -714,7 +715,7 @@ async def reload_under_load(env: Env, reloads: int = 20, concurrency: int = 8, p
     repo = two_version_repo(env.repository, env.model, env.workdir / "reload-repo")
     expected = {v: expected_p_values(repo / env.model / str(v), env.pngs) for v in (1, 2)}
     differ = sum(a != b for a, b in zip(expected[1], expected[2], strict=True))
-    srv = Proc.symguard("serve", ["--repository", str(repo), "--model", f"{env.model}", "--admin-token", ADMIN_TOKEN,
+    srv = Proc.symguard("serve", [*env.server_args, "--repository", str(repo), "--model", f"{env.model}", "--admin-token", ADMIN_TOKEN,
                                   "--log-level", "warning"], env.workdir, "reload").start()  # fmt: skip
     swaps: list[tuple[float, float, int, int]] = []  # (t_sent, t_answered, version asked, status)
     try:
@@ -774,7 +775,7 @@ async def broken_bundles(env: Env, concurrency: int = 2) -> Outcome:
     repo = env.workdir / "broken-repo"
     two_version_repo(env.repository, env.model, repo)
     shutil.rmtree(repo / env.model / "2")  # only version 1 is good
-    srv = Proc.symguard("serve", ["--repository", str(repo), "--model", env.model, "--admin-token", ADMIN_TOKEN,
+    srv = Proc.symguard("serve", [*env.server_args, "--repository", str(repo), "--model", env.model, "--admin-token", ADMIN_TOKEN,
                                   "--log-level", "warning"], env.workdir, "broken").start()  # fmt: skip
     attempts: list[dict[str, Any]] = []
     try:
@@ -865,7 +866,7 @@ async def guard_faults(env: Env, seconds: float = 12, concurrency: int = 8) -> O
             for fault in ("upstream killed", "upstream slow", "scoring times out"):
                 extra = {"upstream slow": ["--upstream-timeout-s", "0.3"],
                          "scoring times out": ["--score-timeout-s", "0.000001"]}.get(fault, [])  # fmt: skip
-                g = Proc.symguard("guard", ["--repository", str(env.repository), "--model", env.model, "--mode", "annotate",
+                g = Proc.symguard("guard", [*env.server_args, "--repository", str(env.repository), "--model", env.model, "--mode", "annotate",
                                             "--upstream", f"http://127.0.0.1:{up.port}", "--on-failure", on_failure,
                                             "--log-level", "info", *extra], env.workdir, f"guard-{on_failure}").start()  # fmt: skip
                 try:
@@ -923,7 +924,7 @@ async def guard_faults(env: Env, seconds: float = 12, concurrency: int = 8) -> O
 
 async def shutdown(env: Env, concurrency: int = 64, load_s: float = 3.0, max_delay_ms: float = 50) -> Outcome:
     """SIGTERM while clients keep sending: every request sent before it gets a complete answer; exit status 0."""
-    srv = Proc.symguard("serve", ["--repository", str(env.repository), "--model", env.model, "--max-delay-ms",
+    srv = Proc.symguard("serve", [*env.server_args, "--repository", str(env.repository), "--model", env.model, "--max-delay-ms",
                                   str(max_delay_ms), "--log-level", "info"], env.workdir, "shutdown").start()  # fmt: skip
     gen = await Generator(
         GenSpec(srv.port, score_requests(env.pngs), "closed", concurrency=concurrency, seconds=load_s + 60, record=True),
@@ -982,10 +983,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200_000, help="soak: requests in all")
     p.add_argument("--concurrency", type=int, default=16, help="soak: clients")
     p.add_argument("--reloads", type=int, default=20)
+    p.add_argument("--server-arg", action="append", default=[], help="extra flag for every server started "
+                   "(repeatable), e.g. --server-arg=--processes=2")
     p.add_argument("--json", type=Path, help="also write every figure to this file")
     a = p.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="symguard-reliability-"))
-    env = Env(a.repository.resolve(), a.model or default_model(a.repository), workdir, digit_pngs())
+    env = Env(a.repository.resolve(), a.model or default_model(a.repository), workdir, digit_pngs(), tuple(a.server_arg))
     runs: dict[str, Callable[[], Any]] = {
         "overload": lambda: overload(env, a.seconds or 60, a.capacity_seconds),
         "soak": lambda: soak(env, a.requests, a.concurrency),
