@@ -49,7 +49,7 @@ async def live() -> Response:
 
 @router.get("/health/ready", summary="Server ready")
 async def ready(request: Request) -> Response:
-    ok = registry_of(request).ready
+    ok, _ = registry_of(request).readiness()
     return json_response({"ready": ok}, 200 if ok else 503)
 
 

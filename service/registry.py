@@ -72,7 +72,7 @@ class Registry:
             log.warning("no models found in %s; /readyz stays 503 until one is loaded via reload", self.repository.root)
         published = self.journal.entries() if self.journal else {}
         if self.journal:
-            self.journal.register()
+            self.journal.register(ready=False)  # siblings' /readyz say 503 until this process has loaded
             names += sorted(set(published) - set(names))  # a model the siblings loaded by reload
         for name in names:
             entry = published.get(name)
@@ -87,7 +87,7 @@ class Registry:
                 log.error("model %s not loaded: %s", name, e.message)
             if entry and self.journal:
                 self.journal.applied[name] = entry.seq  # what the siblings serve, this process now serves (or tried)
-        self.metrics.ready.set(1 if self.ready else 0)
+        self._ready_changed()
         if self.journal:
             self._follower = asyncio.create_task(self._follow(self.journal), name="symguard-reload-follower")
 
@@ -131,7 +131,7 @@ class Registry:
             assert rt.self_check is not None
             previous = (old.runtime.version, old.runtime.provider) if old else None
             self.metrics.model_loaded(name, rt.version, rt.provider, rt.self_check.equivariance_error, previous)
-            self.metrics.ready.set(1 if self.ready else 0)
+            self._ready_changed()
         if old is not None:
             await old.batcher.close()
             log.info("model %s: version %s replaced by %s", name, old.runtime.version, rt.version)
@@ -166,18 +166,33 @@ class Registry:
                     log.exception("model %s: applying a sibling's reload failed", name)
                     journal.ack(name, entry.seq, None, f"{type(e).__name__}: {e}")
 
+    def _ready_changed(self) -> None:
+        self.metrics.ready.set(1 if self.ready else 0)
+        if self.journal:
+            self.journal.register(ready=self.ready)
+
     def _failed(self, name: str, why: str) -> None:
         self.last_error[name] = why
         if name not in self.models:
             self.unavailable[name] = why
         self.metrics.reload_failures.labels(name).inc()
-        self.metrics.ready.set(1 if self.ready else 0)
+        self._ready_changed()
 
     # ---- lookup
 
     @property
     def ready(self) -> bool:
         return bool(self.models) and not self.unavailable
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        """(ready, problems) for /readyz: this process's, and with sibling processes, theirs too. A load balancer
+        sends traffic to the port, not to one process, so one process that cannot serve makes the port unready."""
+        problems = dict(self.unavailable)
+        if self.journal:
+            for pid, ok in self.journal.readiness().items():
+                if not ok and pid != self.journal.pid:
+                    problems[f"process {pid}"] = "a sibling server process is not ready (starting, or a model failed)"
+        return self.ready and not problems, problems
 
     @property
     def default_name(self) -> str | None:

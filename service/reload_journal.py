@@ -65,8 +65,8 @@ class ReloadJournal:
 
     # ---- processes
 
-    def register(self) -> None:
-        (self.folder / "processes" / str(self.pid)).touch()
+    def register(self, ready: bool) -> None:
+        _write_atomic(self.folder / "processes" / str(self.pid), {"ready": ready})
 
     def unregister(self) -> None:
         (self.folder / "processes" / str(self.pid)).unlink(missing_ok=True)
@@ -75,6 +75,14 @@ class ReloadJournal:
         """Registered processes still alive (a killed worker's file stays behind; its pid is gone)."""
         pids = [int(p.name) for p in (self.folder / "processes").iterdir() if p.name.isdigit()]
         return sorted(pid for pid in pids if _alive(pid))
+
+    def readiness(self) -> dict[int, bool]:
+        """Live registered processes -> whether each says it is ready."""
+        out = {}
+        for pid in self.processes():
+            data = _read(self.folder / "processes" / str(pid))
+            out[pid] = bool(data and data.get("ready"))
+        return out
 
     # ---- entries
 

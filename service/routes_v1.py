@@ -134,16 +134,17 @@ async def healthz() -> Response:
 )
 async def readyz(request: Request) -> Response:
     reg = registry_of(request)
+    ready, problems = reg.readiness()
     body = ReadyResponse(
-        ready=reg.ready,
+        ready=ready,
         process=os.getpid(),
         models=[
             {"name": n, "version": s.runtime.version, "provider": s.runtime.provider}
             for n, s in sorted(reg.models.items())
         ],
-        problems=dict(reg.unavailable),
+        problems=problems,
     )
-    return Response(body.model_dump_json().encode(), 200 if reg.ready else 503, media_type="application/json")
+    return Response(body.model_dump_json().encode(), 200 if ready else 503, media_type="application/json")
 
 
 @health_router.get("/metrics", tags=["health"], response_class=Response, summary="Prometheus metrics")

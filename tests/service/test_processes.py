@@ -153,3 +153,56 @@ def test_sigterm_stops_every_process(cluster):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_the_guard_runs_as_several_processes(bundle_repo, upstream, mnist_digits):
+    """`symguard guard --processes 2`: the guard's own settings reach the workers (mode, upstream, prefix), and its
+    counters add up over both processes."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYMGUARD_", "PROMETHEUS_"))}
+    proc = subprocess.Popen(
+        [*SYMGUARD, "guard", "--processes", "2", "--port", str(port), "--repository", str(bundle_repo),
+         "--upstream", upstream.url, "--mode", "annotate", "--intra-op-threads", "1", "--inference-workers", "1",
+         "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    g = Cluster(proc, f"http://127.0.0.1:{port}")
+    try:
+        g.pids_answering(2)
+        image = png(pad29(mnist_digits[0][3]))
+        for _ in range(10):
+            r = g.fresh("POST", "/predict", content=image, headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-symguard-verdict"] in ("in", "ood")  # annotate: the score rides along
+        assert g.fresh("POST", "/symguard/v1/score", content=image, headers={"content-type": "image/png"}).status_code == 200
+        for _ in range(3):
+            text = g.fresh("GET", "/metrics").text
+            assert _metric(text, "symguard_guard_requests_total", mode="annotate", outcome="forwarded") == 10
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+def test_readyz_is_unready_while_any_sibling_process_is(bundle_repo, tmp_path, monkeypatch):
+    """A load balancer sends to the port, not to one process: /readyz (and /v2/health/ready) say 503 while a live
+    sibling reports not ready. The sibling here is a real process whose pid is registered in the shared folder."""
+    from _support import LiveServer
+
+    monkeypatch.setenv("SYMGUARD_WORKER_DIR", str(tmp_path))  # as serve_processes sets it for its workers
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    entry = tmp_path / "reload" / "processes" / str(sibling.pid)
+    try:
+        with LiveServer(repository=bundle_repo) as s, s.client() as c:
+            assert c.get("/readyz").status_code == 200  # registered itself ready, no sibling yet
+            entry.write_text('{"ready": false}')
+            r = c.get("/readyz")
+            assert r.status_code == 503 and f"process {sibling.pid}" in r.json()["problems"], r.text
+            assert c.get("/v2/health/ready").status_code == 503
+            entry.write_text('{"ready": true}')
+            assert c.get("/readyz").status_code == 200
+            entry.write_text('{"ready": false}')
+            sibling.kill()
+            sibling.wait()
+            assert c.get("/readyz").status_code == 200  # a dead process's file no longer counts
+    finally:
+        sibling.kill()
