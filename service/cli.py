@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 TRAINING = ("train", "export", "eval", "eval-guard", "standardize")
-RESERVED = ("bench",)  # planned subcommands
 
 USAGE = """usage: symguard COMMAND [ARGS...]
 
@@ -20,6 +19,7 @@ serving (no torch):
   guard            the server as a proxy in front of a classifier: --upstream URL --mode monitor|annotate|gate|
                    canonicalize; `symguard guard --help` lists every setting (also SYMGUARD_GUARD_* env vars)
   score IMAGE...   print the server's /v1/score JSON for local images, no server needed
+  bench            side-by-side serving benchmark (bench/compare.py of a source checkout; --help for options)
 
 training (needs the [train] extra):
   train            learn pose and symmetry level from a dataset spec or image folder, export a bundle
@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"symguard {cmd} needs the training extra (pip install 'symguard[train]'): {e}", file=sys.stderr)
             return 2
         return int(training_main([cmd, *rest]) or 0)
-    if cmd in RESERVED:
-        print(f"symguard {cmd}: not available yet", file=sys.stderr)
-        return 2
+    if cmd == "bench":
+        return cmd_bench(rest)
     print(f"symguard: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr, end="")
     return 2
 
@@ -64,6 +63,19 @@ def cmd_serve(args: list[str]) -> int:
 
     settings = CliApp.run(Settings, cli_args=args)
     return serve(settings)
+
+
+def cmd_bench(args: list[str]) -> int:
+    """bench/compare.py, run by this Python. The benchmark is a repository tool, not package code: it starts a
+    naive torch server, BentoML from its own venv and symguard side by side (BENCHMARKS.md)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "compare.py"
+    if not script.is_file():
+        print("symguard bench runs bench/compare.py from a source checkout of symguard (git clone, then "
+              "pip install -e '.[train,dev]'); this install has no bench/ folder", file=sys.stderr)  # fmt: skip
+        return 2
+    return subprocess.call([sys.executable, str(script), *args])
 
 
 def cmd_guard(args: list[str]) -> int:
