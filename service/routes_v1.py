@@ -52,16 +52,24 @@ IMAGE_BODY_DOC: dict[str, Any] = {
         },
     }
 }
-ModelQuery = Annotated[str | None, Query(description="NAME or NAME:VERSION; default: the server's default model")]
+# The scoring routes read ?model= and check the token themselves: FastAPI's dependency solving (a Depends and a
+# Query) cost ~8% of the server's CPU per single-image request (py-spy, BENCHMARKS.md). Documented by hand instead.
+MODEL_PARAM_DOC: dict[str, Any] = {
+    "name": "model", "in": "query", "required": False,
+    "description": "NAME or NAME:VERSION; default: the server's default model",
+    "schema": {"anyOf": [{"type": "string"}, {"type": "null"}], "title": "Model"},
+}  # fmt: skip
+SCORING_DOC: dict[str, Any] = {**IMAGE_BODY_DOC, "parameters": [MODEL_PARAM_DOC]}
 
 
 @router.post(
-    "/v1/score", tags=["score"], response_model=ScoreResponse, responses=ERRORS, openapi_extra=IMAGE_BODY_DOC,
-    dependencies=[Depends(require_api)], summary="Score one or many images",
+    "/v1/score", tags=["score"], response_model=ScoreResponse, responses=ERRORS, openapi_extra=SCORING_DOC,
+    summary="Score one or many images",
 )  # fmt: skip
-async def score(request: Request, model: ModelQuery = None) -> Response:
+async def score(request: Request) -> Response:
+    await require_api(request)
     settings: Settings = request.app.state.settings
-    ref = model_ref(model)
+    ref = model_ref(request.query_params.get("model"))
     served = served_model(request, ref)
     images = await read_images(request, settings)
     spec = served.runtime.manifest.input
@@ -74,12 +82,13 @@ async def score(request: Request, model: ModelQuery = None) -> Response:
 
 @router.post(
     "/v1/canonicalize", tags=["score"], responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "the upright image"}},
-    openapi_extra=IMAGE_BODY_DOC, dependencies=[Depends(require_api)], response_class=Response,
+    openapi_extra=SCORING_DOC, response_class=Response,
     summary="Return the image turned upright and un-mirrored (PNG); its score is in X-Symguard-* headers",
 )  # fmt: skip
-async def canonicalize_image(request: Request, model: ModelQuery = None) -> Response:
+async def canonicalize_image(request: Request) -> Response:
+    await require_api(request)
     settings: Settings = request.app.state.settings
-    ref = model_ref(model)
+    ref = model_ref(request.query_params.get("model"))
     served = served_model(request, ref)
     images = await read_images(request, settings)
     if len(images) != 1:
