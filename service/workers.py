@@ -12,6 +12,7 @@ stops them all gracefully, SIGHUP replaces them one by one. The processes share 
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib
 import json
@@ -19,6 +20,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -69,7 +72,8 @@ def serve_processes(settings: Settings, config_kw: dict[str, Any], factory: str)
     try:
         (shared / "metrics").mkdir()
         (shared / "settings.json").write_text(
-            json.dumps({"settings": _plain(settings), "class": _qualname(type(settings)), "factory": factory})
+            json.dumps({"settings": _plain(settings), "class": _qualname(type(settings)), "factory": factory,
+                        "parent": os.getpid()})
         )
         os.environ[WORKER_DIR_ENV] = str(shared)  # spawned workers inherit the environment
         os.environ[MULTIPROC_ENV] = str(shared / "metrics")
@@ -101,12 +105,23 @@ def worker_app() -> Any:
     shared = worker_dir()
     assert shared is not None, f"{WORKER_DIR_ENV} is set by serve_processes for its workers"
     spec = json.loads((shared / "settings.json").read_text())
+    _exit_with_parent(spec["parent"])
     settings = _load(spec["class"]).model_validate(spec["settings"])
     configure_logging(settings.log_level)
     _forget_dead_processes(Path(os.environ[MULTIPROC_ENV]))
     app = _load(spec["factory"])(settings)
     _freeze_after_startup(app)
     return app
+
+
+def _exit_with_parent(parent: int) -> None:
+    """SIGTERM (a graceful stop) for this worker when its supervisor dies, even by SIGKILL or the OOM killer:
+    otherwise the worker keeps serving on the port, unsupervised, and nothing stops it (seen here before this)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _forget_dead_processes(metrics_dir: Path) -> None:

@@ -206,3 +206,32 @@ def test_readyz_is_unready_while_any_sibling_process_is(bundle_repo, tmp_path, m
             assert c.get("/readyz").status_code == 200  # a dead process's file no longer counts
     finally:
         sibling.kill()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(bundle_repo):
+    """SIGKILL (or the OOM killer) on the parent: the workers must not keep serving the port unsupervised."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYMGUARD_", "PROMETHEUS_"))}
+    proc = subprocess.Popen(
+        [*SYMGUARD, "serve", "--processes", "2", "--port", str(port), "--repository", str(bundle_repo),
+         "--intra-op-threads", "1", "--inference-workers", "1", "--log-level", "warning"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    workers = set(Cluster(proc, f"http://127.0.0.1:{port}").pids_answering(2))
+    proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"workers {sorted(p for p in workers if _alive(p))} outlived their parent"
+        time.sleep(0.1)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (orphans are reaped by init, not by this test)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
