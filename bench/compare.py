@@ -103,9 +103,9 @@ class Server:
         t0 = time.perf_counter()
         procs = self.tree()
         while time.perf_counter() - t0 < timeout:
-            c0 = Sampler._cpu(procs)
+            c0 = cpu_seconds(procs)
             time.sleep(for_s)
-            if (Sampler._cpu(procs) - c0) / for_s < below:
+            if (cpu_seconds(procs) - c0) / for_s < below:
                 break
         return time.perf_counter() - t0
 
@@ -178,6 +178,18 @@ def servers(
 # ---------------------------------------------------------------- sampling the server
 
 
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU seconds of these processes so far (ones that exited meanwhile count as 0)."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 class Sampler:
     """CPU seconds and peak RSS of a server's process tree while a run lasts."""
 
@@ -187,16 +199,6 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    @staticmethod
-    def _cpu(procs: list[psutil.Process]) -> float:
-        total = 0.0
-        for p in procs:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
 
     def _rss(self) -> int:
         total = 0
@@ -213,7 +215,7 @@ class Sampler:
 
     def __enter__(self) -> Sampler:
         self.procs = self.server.tree()
-        self.cpu0, self.t0 = self._cpu(self.procs), time.perf_counter()
+        self.cpu0, self.t0 = cpu_seconds(self.procs), time.perf_counter()
         self.peak_rss = self._rss()
         self._thread.start()
         return self
@@ -222,7 +224,7 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         self.peak_rss = max(self.peak_rss, self._rss())
-        self.cpu_pct = 100.0 * (self._cpu(self.procs) - self.cpu0) / (time.perf_counter() - self.t0)
+        self.cpu_pct = 100.0 * (cpu_seconds(self.procs) - self.cpu0) / (time.perf_counter() - self.t0)
 
 
 # ---------------------------------------------------------------- load: bench/loadgen.py in its own process

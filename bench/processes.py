@@ -24,21 +24,11 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.compare import cpu_seconds  # noqa: E402
 from bench.workload import BOUNDARY, digits_png, free_port, multipart, wait_ready  # noqa: E402
 
 SCENARIOS = [("32 img/req x 8", "batch", f"multipart/form-data; boundary={BOUNDARY}", 8, 32),
              ("1 img/req x 64", "single", "image/png", 64, 1)]  # fmt: skip
-
-
-def tree_cpu_s(proc: psutil.Process) -> float:
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 def load(port: int, bodies: Path, content_type: str, clients: int, seconds: float) -> dict:
@@ -61,9 +51,9 @@ def measure(layout: str, bodies: Path, seconds: float) -> list[str]:
         ps = psutil.Process(proc.pid)
         for name, folder, content_type, clients, per_request in SCENARIOS:
             load(port, bodies / folder, content_type, clients, 3)  # warm-up
-            cpu0, t0 = tree_cpu_s(ps), time.monotonic()
+            cpu0, t0 = cpu_seconds([ps, *ps.children(recursive=True)]), time.monotonic()
             r = load(port, bodies / folder, content_type, clients, seconds)
-            cpu = 100 * (tree_cpu_s(ps) - cpu0) / (time.monotonic() - t0)
+            cpu = 100 * (cpu_seconds([ps, *ps.children(recursive=True)]) - cpu0) / (time.monotonic() - t0)
             lines.append(f"{name}: {r['requests_per_s'] * per_request:8,.0f} img/s  p50 {r['p50_ms']:6.1f} ms  "
                          f"p99 {r['p99_ms']:6.1f} ms  cpu {cpu:4.0f}%  errors {r['errors']}")  # fmt: skip
     finally:

@@ -45,7 +45,7 @@ def _read(path: Path) -> dict[str, object] | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,7 +74,7 @@ class ReloadJournal:
     def processes(self) -> list[int]:
         """Registered processes still alive (a killed worker's file stays behind; its pid is gone)."""
         pids = [int(p.name) for p in (self.folder / "processes").iterdir() if p.name.isdigit()]
-        return sorted(pid for pid in pids if _alive(pid))
+        return sorted(pid for pid in pids if pid_alive(pid))
 
     def readiness(self) -> dict[int, bool]:
         """Live registered processes -> whether each says it is ready."""
@@ -135,5 +135,5 @@ class ReloadJournal:
             if all(pid in acks for pid in live) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
-        late = Ack(0, None, f"no answer within {timeout_s:g}s")
-        return [acks.get(pid, Ack(pid, late.version, late.error)) for pid in sorted(set(live) | set(acks))]
+        late = f"no answer within {timeout_s:g}s"
+        return [acks.get(pid, Ack(pid, None, late)) for pid in sorted(set(live) | set(acks))]

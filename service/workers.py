@@ -34,6 +34,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from service.config import Settings
+from service.reload_journal import pid_alive
 
 WORKER_DIR_ENV = "SYMGUARD_WORKER_DIR"  # set by the parent for its workers; not a setting
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -130,9 +131,7 @@ def _forget_dead_processes(metrics_dir: Path) -> None:
 
     pids = {int(m.group(1)) for p in metrics_dir.glob("gauge_live*_*.db") if (m := re.search(r"_(\d+)\.db$", p.name))}
     for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not pid_alive(pid):
             multiprocess.mark_process_dead(pid, str(metrics_dir))
 
 
